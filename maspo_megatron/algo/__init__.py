@@ -1,0 +1,38 @@
+"""RL algorithm pieces, free of Megatron and of any I/O: policy losses, loss aggregation,
+group-relative advantages and sampling filters. Everything here is a pure function of tensors."""
+
+from maspo_megatron.algo.advantages import (
+    AdvantageConfig,
+    expand_to_tokens,
+    group_advantages,
+)
+from maspo_megatron.algo.aggregation import AGGREGATIONS, AggregationConfig, aggregate
+from maspo_megatron.algo.filters import (
+    OverlongConfig,
+    dynamic_sampling_keep,
+    mask_truncated,
+    overlong_penalty,
+)
+from maspo_megatron.algo.losses import (
+    LOSSES,
+    CISPOConfig,
+    ClipHigherConfig,
+    GRPOConfig,
+    GSPOConfig,
+    MASPOConfig,
+    PolicyLossConfig,
+    SAPOConfig,
+    get_loss,
+    loss_config_class,
+    maspo_token_loss,
+    policy_loss,
+    truncated_is_weight,
+)
+
+__all__ = [
+    "AGGREGATIONS", "AdvantageConfig", "AggregationConfig", "CISPOConfig", "ClipHigherConfig",
+    "GRPOConfig", "GSPOConfig", "LOSSES", "MASPOConfig", "OverlongConfig", "PolicyLossConfig",
+    "SAPOConfig", "aggregate", "dynamic_sampling_keep", "expand_to_tokens", "get_loss",
+    "group_advantages", "loss_config_class", "mask_truncated", "maspo_token_loss",
+    "overlong_penalty", "policy_loss", "truncated_is_weight",
+]
