@@ -1,0 +1,12 @@
+"""Qwen3 (dense): per-head RMSNorm on queries and keys before RoPE, no QKV bias."""
+
+from maspo_megatron.megatron.families.base import Family, register, require
+from maspo_megatron.megatron.families.dense import dense_arch_config, dense_param_rules
+
+
+def _arch_config(hf_config):
+    require(hf_config, "attention_bias", lambda v: not v, "false or absent")
+    return dense_arch_config(hf_config, qkv_bias=False, qk_layernorm=True)
+
+
+QWEN3 = register(Family("qwen3", ("Qwen3ForCausalLM",), _arch_config, dense_param_rules))
