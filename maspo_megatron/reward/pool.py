@@ -75,10 +75,12 @@ def score_with_time_limit(fn: RewardFn, fn_name: str, response: str, answer: str
     """
     use_alarm = bool(timeout_s) and threading.current_thread() is threading.main_thread()
     previous_handler = None
+    previous_timer = (0.0, 0.0)
+    started = time.monotonic()
     try:
         if use_alarm:
             previous_handler = signal.signal(signal.SIGALRM, _raise_soft_timeout)
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            previous_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
             value = fn(response, answer)
         finally:
@@ -93,6 +95,11 @@ def score_with_time_limit(fn: RewardFn, fn_name: str, response: str, answer: str
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGALRM, previous_handler)
+            # Give back a caller's own pending alarm (e.g. a test timeout), minus the time spent;
+            # one that fell due meanwhile fires now rather than being lost.
+            delay, interval = previous_timer
+            if delay > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - started), 1e-6), interval)
 
 
 def _worker_loop(conn, fn: RewardFn, fn_name: str, timeout_s: float) -> None:
