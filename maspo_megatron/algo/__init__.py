@@ -24,6 +24,7 @@ from maspo_megatron.algo.losses import (
     SAPOConfig,
     get_loss,
     loss_config_class,
+    maspo_gate,
     maspo_token_loss,
     policy_loss,
     truncated_is_weight,
@@ -33,6 +34,6 @@ __all__ = [
     "AGGREGATIONS", "AdvantageConfig", "AggregationConfig", "CISPOConfig", "ClipHigherConfig",
     "GRPOConfig", "GSPOConfig", "LOSSES", "MASPOConfig", "OverlongConfig", "PolicyLossConfig",
     "SAPOConfig", "aggregate", "dynamic_sampling_keep", "expand_to_tokens", "get_loss",
-    "group_advantages", "loss_config_class", "mask_truncated", "maspo_token_loss",
+    "group_advantages", "loss_config_class", "mask_truncated", "maspo_gate", "maspo_token_loss",
     "overlong_penalty", "policy_loss", "truncated_is_weight",
 ]

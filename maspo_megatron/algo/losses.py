@@ -198,6 +198,28 @@ class CISPOConfig(PolicyLossConfig):
 # ----------------------------------------------------------------------------------- MASPO
 
 
+def maspo_gate(ratio: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               cfg: MASPOConfig = MASPOConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MASPO gate w (detached) and the width s of the token's advantage sign.
+
+    s is s_pos where A > 0 and s_neg elsewhere (it only matters where the gate applies).
+    In float32 the gate underflows to exactly 0 for ratios far outside the width (e.g. r=1e3 at
+    s=1); that is the limit of the equation, and the token then simply carries no gradient.
+    """
+    A = advantages.detach()
+    old_logprobs = old_logprobs.detach()
+    m = torch.clamp(cfg.sigma_base * torch.exp(-cfg.alpha * old_logprobs), cfg.sigma_base,
+                    cfg.sigma_high)
+    s_pos = m * torch.clamp(1 + cfg.beta_pos * A, cfg.adv_low, cfg.adv_high)
+    s_neg = m * torch.clamp(1 / (1 - cfg.beta_neg * A), cfg.adv_low, cfg.adv_high)
+    s = torch.where(A > 0, s_pos, s_neg)
+
+    r = ratio.detach()
+    overshoot = ((A > 0) & (r > 1)) | ((A < 0) & (r < 1))
+    w = torch.where(overshoot, torch.exp(-((r - 1) ** 2) / (2 * s**2)), torch.ones_like(r))
+    return w, s
+
+
 def maspo_token_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -226,17 +248,7 @@ def maspo_token_loss(
     logprobs, old_logprobs, A, mask = _prepare(logprobs, old_logprobs, advantages, mask)
     log_ratio = _log_ratio(logprobs, old_logprobs, cfg.log_ratio_clamp)
     r = torch.exp(log_ratio)
-
-    m = torch.clamp(cfg.sigma_base * torch.exp(-cfg.alpha * old_logprobs), cfg.sigma_base,
-                    cfg.sigma_high)
-    s_pos = m * torch.clamp(1 + cfg.beta_pos * A, cfg.adv_low, cfg.adv_high)
-    s_neg = m * torch.clamp(1 / (1 - cfg.beta_neg * A), cfg.adv_low, cfg.adv_high)
-    s = torch.where(A > 0, s_pos, s_neg)
-
-    r_sg = r.detach()
-    overshoot = ((A > 0) & (r_sg > 1)) | ((A < 0) & (r_sg < 1))
-    w = torch.where(overshoot, torch.exp(-((r_sg - 1) ** 2) / (2 * s**2)), torch.ones_like(r_sg))
-
+    w, s = maspo_gate(r, old_logprobs, A, cfg)
     loss = -A * w * r
 
     gated = w < GATED_THRESHOLD
@@ -423,7 +435,8 @@ def truncated_is_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tens
     if old_logprobs.shape != rollout_logprobs.shape:
         raise ValueError(f"rollout_logprobs {tuple(rollout_logprobs.shape)} must match "
                          f"old_logprobs {tuple(old_logprobs.shape)}")
-    diff = (old_logprobs.detach().float() - rollout_logprobs.detach().float())
+    dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
+    diff = old_logprobs.detach().to(dtype) - rollout_logprobs.detach().to(dtype)
     # exp(min(d, log cap)) == min(exp(d), cap) without overflow for large d.
     return torch.exp(torch.clamp(diff, max=math.log(cap)))
 
