@@ -3,8 +3,8 @@
 - Dynamic sampling: a group whose rewards are all equal has zero group-relative
   advantage everywhere, so it contributes no gradient but still dilutes the batch; drop it (and
   sample more prompts until the batch is full — the trainer's job).
-- Overlong filtering (DAPO "Overlong Reward Shaping"): exclude truncated responses (hit the length limit without
-  finishing) from the loss, since their reward says nothing about the reasoning.
+- Overlong filtering (DAPO "Overlong Reward Shaping"): exclude truncated responses (those that
+  hit the length limit without finishing) from the loss, since their reward says nothing about the reasoning.
 - Soft overlong punishment (DAPO, same section): a length penalty that ramps linearly from 0 to -1
   inside the last ``buffer_length`` tokens before ``max_response_length``.
 """

@@ -4,9 +4,9 @@ Every loss has the signature
 
     fn(logprobs, old_logprobs, advantages, mask, cfg) -> (loss_per_token, metrics)
 
-- ``logprobs``      [B, T] log pi_theta(y_t) of the sampled tokens; the only input gradients flow to.
+- ``logprobs``      [B, T] log pi_theta(y_t) of the sampled tokens (the only differentiated input).
 - ``old_logprobs``  [B, T] log pi_old(y_t) (the policy that defines the ratio); treated as data.
-- ``advantages``    [B, T] per-token advantages, or [B, 1] per-sequence (broadcast); treated as data.
+- ``advantages``    [B, T] per-token, or [B, 1] per-sequence (broadcast); treated as data.
 - ``mask``          [B, T] response-token mask (bool or 0/1), or None for "every token counts".
                     Only metrics use it, except ``gspo``, which needs it for its sequence mean.
 - ``loss_per_token`` has the broadcast shape [B, T] and is *not* masked or reduced: aggregation
@@ -120,7 +120,7 @@ class MASPOConfig(PolicyLossConfig):
     """MASPO (arXiv 2602.17550) defaults; see ``maspo_token_loss``."""
 
     sigma_base: float = 1.0   # gate width for a token of old probability 1
-    alpha: float = 0.3        # how fast the width grows as p_old shrinks (m = sigma_base/p_old^alpha)
+    alpha: float = 0.3        # growth of the width as p_old shrinks: m = sigma_base / p_old**alpha
     sigma_high: float = 10.0  # upper bound of the mass-adaptive width m
     adv_low: float = 0.1      # lower clamp of the risk factor
     adv_high: float = 10.0    # upper clamp of the risk factor
@@ -233,8 +233,9 @@ def maspo_token_loss(
         m      = clamp(sigma_base / p_old**alpha, sigma_base, sigma_high)
         s_pos  = m * clamp(1 + beta_pos*A,       adv_low, adv_high)
         s_neg  = m * clamp(1 / (1 - beta_neg*A), adv_low, adv_high)
-        w      = exp(-(sg(r) - 1)**2 / (2 s**2))  if (A>0 and r>1, s=s_pos) or (A<0 and r<1, s=s_neg)
-                 1                                 otherwise (including A == 0)
+        w      = exp(-(sg(r) - 1)**2 / (2 s**2))  where (A>0 and r>1) with s = s_pos
+                                                   or    (A<0 and r<1) with s = s_neg
+                 1                                 elsewhere (including A == 0)
         loss_t = -A * w * r
 
     ``sigma_base / p_old**alpha`` is computed as ``sigma_base * exp(-alpha * logp_old)`` (same
