@@ -4,7 +4,8 @@
   advantage everywhere, so it contributes no gradient but still dilutes the batch; drop it (and
   sample more prompts until the batch is full — the trainer's job).
 - Overlong filtering (DAPO "Overlong Reward Shaping"): exclude truncated responses (those that
-  hit the length limit without finishing) from the loss, since their reward says nothing about the reasoning.
+  hit the length limit without finishing) from the loss: punishing them would penalise possibly
+  sound reasoning for its length alone (reward noise).
 - Soft overlong punishment (DAPO, same section): a length penalty that ramps linearly from 0 to -1
   inside the last ``buffer_length`` tokens before ``max_response_length``.
 """
