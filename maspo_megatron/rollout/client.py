@@ -1,0 +1,249 @@
+"""Async client for SGLang's ``/generate``: bounded concurrency, load spreading, retries.
+
+Design: one HTTP request per sample (``n == 1``), identified by the caller's ``index``. A group of
+G samples for one prompt is G requests with distinct indices (and, for reproducibility, distinct
+``sampling_seed``). This makes every request idempotent: a request that fails (connection error,
+5xx, timeout, or ``finish_reason == "abort"`` because the server was paused) is re-sent, possibly to
+another server, and at most one attempt per index is in flight, so a killed server never loses
+or duplicates a sample. With ``n > 1`` a failure half-way would leave a partial group.
+
+Errors: 4xx answers are the caller's fault and fail the batch at once, quoting the server's
+message; a 200 answer that does not parse fails at once too (a protocol bug, not bad luck).
+
+Servers: give the server URLs (the client spreads requests to the least-loaded healthy one and
+moves retries elsewhere) or a single sglang-router URL (the router spreads; retries go back to
+it). A :class:`~maspo_megatron.rollout.servers.ServerManager` that restarts a dead server calls
+``mark_down`` / ``mark_up``; a server marked down after a connection error is also retried by
+itself once ``down_cooldown_s`` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import aiohttp
+
+from maspo_megatron.rollout.protocol import (
+    GenerateOutput, ProtocolError, SamplingParams, error_message, parse_generate_response,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutClientConfig:
+    max_concurrency: int = 64  # requests in flight over all servers
+    request_timeout_s: float = 1800.0  # one /generate call, connect to last byte
+    connect_timeout_s: float = 10.0
+    max_attempts: int = 8  # per sample, first try included
+    backoff_initial_s: float = 0.5  # doubles per failed attempt of the same sample
+    backoff_max_s: float = 15.0
+    down_cooldown_s: float = 5.0  # skip a server this long after a connection-level failure
+    progress_interval_s: float = 30.0  # seconds between progress log lines
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    index: int  # caller's id; results come back ordered by it
+    input_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass
+class Sample:
+    index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]  # SGLang output_token_logprobs: log_softmax(logits / T)
+    finish_reason: str  # "stop" | "length"
+    weight_version: str | None
+    server: str
+    attempts: int
+
+
+class RolloutError(RuntimeError):
+    """A rollout that cannot complete; the message says which sample, server and why."""
+
+
+class RolloutRequestError(RolloutError):
+    """The server rejected a request (4xx): retrying cannot help."""
+
+    def __init__(self, url: str, status: int, message: str):
+        super().__init__(f"{url} answered HTTP {status}: {message}")
+        self.url, self.status, self.message = url, status, message
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, server_down: bool = False):
+        super().__init__(message)
+        self.server_down = server_down
+
+
+class RolloutClient:
+    def __init__(self, urls: Sequence[str], config: RolloutClientConfig | None = None,
+                 api_key: str | None = None):
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server or router URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.config = config or RolloutClientConfig()
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._lock = threading.Lock()  # mark_down/up come from the server-watch thread
+        self._down_until: dict[str, float] = {}
+        self._inflight = {u: 0 for u in self.urls}
+
+    # ------------------------------------------------------------------ server health
+    def mark_down(self, url: str, for_s: float | None = None) -> None:
+        with self._lock:
+            self._down_until[url.rstrip("/")] = time.monotonic() + (
+                float("inf") if for_s is None else for_s)
+
+    def mark_up(self, url: str) -> None:
+        with self._lock:
+            self._down_until.pop(url.rstrip("/"), None)
+
+    def _pick(self, avoid: str | None) -> str | None:
+        now = time.monotonic()
+        with self._lock:
+            up = [u for u in self.urls if self._down_until.get(u, 0.0) <= now]
+            if not up:
+                return None
+            preferred = [u for u in up if u != avoid] or up
+            url = min(preferred, key=lambda u: self._inflight[u])
+            self._inflight[url] += 1
+            return url
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            self._inflight[url] -= 1
+
+    # ------------------------------------------------------------------ requests
+    async def _post(self, session: aiohttp.ClientSession, url: str, payload: dict,
+                    expected: int, want_logprobs: bool) -> list[GenerateOutput]:
+        try:
+            async with session.post(url + "/generate", json=payload, headers=self.headers) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise _Retryable(f"connection to {url} failed: {e!r}", server_down=True) from e
+        except asyncio.TimeoutError as e:
+            raise _Retryable(f"{url} did not answer within {self.config.request_timeout_s:.0f}s") from e
+        if status >= 500:
+            raise _Retryable(f"{url} answered HTTP {status}: {error_message(status, text)}")
+        if status >= 400:
+            raise RolloutRequestError(url, status, error_message(status, text))
+        try:
+            body = json.loads(text)
+            return parse_generate_response(body, expected, want_logprobs)
+        except (ValueError, ProtocolError) as e:
+            raise RolloutError(f"{url} sent a malformed /generate response: {e}; body: "
+                               f"{text[:500]!r}") from e
+
+    async def _one(self, session, req: RolloutRequest, on_done: Callable[[], None]) -> Sample:
+        cfg = self.config
+        payload = {"input_ids": list(req.input_ids), "sampling_params": req.sampling.to_json(),
+                   "return_logprob": True}
+        avoid = None
+        for attempt in range(1, cfg.max_attempts + 1):
+            url = self._pick(avoid)
+            while url is None:  # every server is down: wait for a restart or the cooldown
+                await asyncio.sleep(min(cfg.down_cooldown_s, 1.0))
+                url = self._pick(avoid)
+            try:
+                out = (await self._post(session, url, payload, 1, True))[0]
+                if out.finish_reason == "abort":
+                    raise _Retryable(f"{url} aborted the request: "
+                                     f"{out.finish_detail.get('message', out.finish_detail)}")
+            except _Retryable as e:
+                if e.server_down:
+                    self.mark_down(url, cfg.down_cooldown_s)
+                if attempt == cfg.max_attempts:
+                    raise RolloutError(f"sample {req.index} failed after {attempt} attempts; "
+                                       f"last error: {e}") from e
+                logger.warning("sample %d attempt %d: %s; retrying", req.index, attempt, e)
+                avoid = url
+                await asyncio.sleep(min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempt - 1)))
+                continue
+            finally:
+                self._release(url)
+            on_done()
+            return Sample(req.index, list(req.input_ids), out.output_ids, out.output_logprobs,
+                          out.finish_reason, out.weight_version, url, attempt)
+        raise AssertionError("unreachable")
+
+    async def generate(self, requests: Sequence[RolloutRequest],
+                       progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Generates every request; returns samples ordered by ``index``."""
+        indices = [r.index for r in requests]
+        if len(set(indices)) != len(indices):
+            raise ValueError("RolloutRequest.index values must be unique within a batch")
+        for r in requests:
+            if r.sampling.n != 1:
+                raise ValueError(f"request {r.index}: sampling.n={r.sampling.n}; send one request "
+                                 "per sample (distinct index) so retries stay idempotent")
+            r.sampling.validate()
+        total, done = len(requests), 0
+        t0 = last_log = time.monotonic()
+
+        def on_done():
+            nonlocal done, last_log
+            done += 1
+            if progress:
+                progress(done, total)
+            now = time.monotonic()
+            if now - last_log >= self.config.progress_interval_s or done == total:
+                last_log = now
+                logger.info("rollout: %d/%d samples in %.1fs", done, total, now - t0)
+
+        cfg = self.config
+        timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
+        sem = asyncio.Semaphore(cfg.max_concurrency)
+
+        async def bounded(req):
+            async with sem:
+                return await self._one(session, req, on_done)
+
+        connector = aiohttp.TCPConnector(limit=cfg.max_concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            tasks = [asyncio.create_task(bounded(r)) for r in requests]
+            try:
+                samples = await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+        return sorted(samples, key=lambda s: s.index)
+
+    def run(self, requests: Sequence[RolloutRequest],
+            progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Synchronous wrapper of :meth:`generate` (for the trainer's rank 0)."""
+        return asyncio.run(self.generate(requests, progress))
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                    url: str | None = None) -> list[float]:
+        """Log-probs of a fixed completion after a prompt, as the server computes them.
+
+        Uses ``max_new_tokens=0`` and ``logprob_start_len = len(prompt) - 1`` (SGLang lists
+        ``None`` for the first position), so entry j is ``log p(completion[j] | prefix)`` from
+        untempered ``log_softmax(logits)``.
+        """
+        ids = list(prompt_ids) + list(completion_ids)
+        payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+                   "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
+        target = (url or self.urls[0]).rstrip("/")
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s,
+                                        sock_connect=self.config.connect_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                out = (await self._post(session, target, payload, 1, True))[0]
+            except _Retryable as e:
+                raise RolloutError(str(e)) from e
+        values = out.input_logprobs or []
+        if len(values) != len(completion_ids) + 1:
+            raise RolloutError(f"{target}: {len(values)} input_token_logprobs for a completion of "
+                               f"{len(completion_ids)} tokens (expected one more)")
+        return [float(v) for v in values[1:]]

@@ -1,0 +1,278 @@
+"""Start, stop, health-check and restart rollout servers and the sglang-router, or attach to URLs.
+
+The command builders produce the real ``python -m sglang.launch_server`` / ``sglang_router``
+command lines; :class:`ServerManager` runs any command factory, so the CPU server
+(``python -m maspo_megatron.rollout.cpu_server``) goes through the same process management
+in tests and the CPU demo. Under Slurm heterogeneous jobs the servers are started by the job
+script and :meth:`ServerManager.attach` only health-checks the given URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SGLangServerConfig:
+    """Arguments of ``sglang.launch_server`` that the trainer sets (names as SGLang's flags)."""
+
+    model_path: str
+    tp_size: int = 1
+    mem_fraction_static: float | None = None  # None: SGLang's own default
+    enable_memory_saver: bool = False  # needed to release/resume memory when colocated
+    skip_tokenizer_init: bool = True  # the trainer sends token ids and reads output_ids
+    api_key: str | None = None
+    dtype: str | None = None  # e.g. "bfloat16"; None: the checkpoint's dtype
+    base_gpu_id: int | None = None
+    host: str = "127.0.0.1"
+    extra_args: list[str] = field(default_factory=list)  # passed through verbatim
+
+
+def sglang_server_command(cfg: SGLangServerConfig, port: int, python: str = sys.executable) -> list[str]:
+    if cfg.tp_size < 1:
+        raise ValueError(f"SGLangServerConfig.tp_size must be >= 1, got {cfg.tp_size}")
+    if cfg.mem_fraction_static is not None and not 0.0 < cfg.mem_fraction_static < 1.0:
+        raise ValueError(
+            f"SGLangServerConfig.mem_fraction_static must be in (0, 1), got {cfg.mem_fraction_static}"
+        )
+    cmd = [python, "-m", "sglang.launch_server", "--model-path", cfg.model_path,
+           "--tp-size", str(cfg.tp_size), "--host", cfg.host, "--port", str(port)]
+    if cfg.mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.enable_memory_saver:
+        cmd.append("--enable-memory-saver")
+    if cfg.skip_tokenizer_init:
+        cmd.append("--skip-tokenizer-init")
+    if cfg.api_key:
+        cmd += ["--api-key", cfg.api_key]
+    if cfg.dtype:
+        cmd += ["--dtype", cfg.dtype]
+    if cfg.base_gpu_id is not None:
+        cmd += ["--base-gpu-id", str(cfg.base_gpu_id)]
+    return cmd + list(cfg.extra_args)
+
+
+def cpu_server_command(model_path: str, port: int, *, host: str = "127.0.0.1",
+                       api_key: str | None = None, extra_args: Sequence[str] = (),
+                       python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", "maspo_megatron.rollout.cpu_server", "--model-path", model_path,
+           "--host", host, "--port", str(port)]
+    return cmd + (["--api-key", api_key] if api_key else []) + list(extra_args)
+
+
+def router_command(worker_urls: Sequence[str], port: int, *, host: str = "127.0.0.1",
+                   policy: str = "round_robin", api_key: str | None = None,
+                   extra_args: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+    if not worker_urls:
+        raise ValueError("router_command needs at least one worker URL")
+    cmd = [python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+           "--policy", policy, "--worker-urls", *worker_urls]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd + list(extra_args)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> bool:
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class ManagedProcess:
+    """One server process: started in its own process group so stop() also ends its children."""
+
+    def __init__(self, cmd: list[str], url: str, log_path: str | None, env: dict | None = None):
+        self.cmd, self.url, self.log_path, self.env = cmd, url, log_path, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
+        finally:
+            if self.log_path:
+                out.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """Ends the process group at once (also used by fault tests to simulate a crash)."""
+        if self.alive:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if not self.alive:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, n: int = 20) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return "(no log)"
+        with open(self.log_path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+
+
+class ServerManager:
+    """A fixed set of rollout servers: start, wait healthy, detect and restart dead ones.
+
+    ``command_factory(port)`` returns the command line for a server on ``port``. A restarted
+    server keeps its port, hence its URL; ``on_down(url)`` / ``on_up(url)`` tell the client
+    (``RolloutClient.mark_down`` / ``mark_up``).
+    """
+
+    def __init__(self, command_factory: Callable[[int], list[str]] | None, num_servers: int = 0, *,
+                 host: str = "127.0.0.1", ports: Sequence[int] | None = None,
+                 startup_timeout_s: float = 600.0, health_path: str = "/health",
+                 api_key: str | None = None, log_dir: str | None = None, env: dict | None = None,
+                 urls: Sequence[str] | None = None):
+        self.command_factory = command_factory
+        self.startup_timeout_s = startup_timeout_s
+        self.health_path = health_path
+        self.api_key = api_key
+        self.procs: list[ManagedProcess] = []
+        self._attached = list(urls or [])
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if command_factory is not None:
+            ports = list(ports) if ports is not None else [free_port(host) for _ in range(num_servers)]
+            if len(ports) != num_servers:
+                raise ValueError(f"ServerManager: {len(ports)} ports for {num_servers} servers")
+            for i, port in enumerate(ports):
+                log = os.path.join(log_dir, f"server{i}_{port}.log") if log_dir else None
+                self.procs.append(ManagedProcess(command_factory(port), f"http://{host}:{port}",
+                                                 log, env))
+
+    @classmethod
+    def attach(cls, urls: Sequence[str], **kw) -> "ServerManager":
+        """Servers started elsewhere (e.g. a Slurm het-job component): health checks only."""
+        return cls(None, urls=[u.rstrip("/") for u in urls], **kw)
+
+    @property
+    def urls(self) -> list[str]:
+        return [p.url for p in self.procs] or list(self._attached)
+
+    def start(self) -> list[str]:
+        for p in self.procs:
+            p.start()
+        self.wait_healthy(self.urls)
+        return self.urls
+
+    def healthy(self, url: str) -> bool:
+        return http_ok(url + self.health_path, api_key=self.api_key)
+
+    def wait_healthy(self, urls: Sequence[str]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        pending = list(urls)
+        by_url = {p.url: p for p in self.procs}
+        while pending:
+            for url in list(pending):
+                proc = by_url.get(url)
+                if proc is not None and not proc.alive:
+                    raise RuntimeError(f"server {url} exited during start-up (code "
+                                       f"{proc.proc.returncode}); log tail:\n{proc.log_tail()}")
+                if self.healthy(url):
+                    pending.remove(url)
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"{u}:\n{by_url[u].log_tail()}" for u in pending if u in by_url)
+                raise TimeoutError(f"servers {pending} not healthy after {self.startup_timeout_s:.0f}s"
+                                   + (f"; log tails:\n{tails}" if tails else ""))
+            if pending:
+                time.sleep(0.5)
+
+    def dead(self) -> list[str]:
+        """URLs whose process exited (managed) or whose health check fails (attached)."""
+        if self.procs:
+            return [p.url for p in self.procs if not p.alive]
+        return [u for u in self._attached if not self.healthy(u)]
+
+    def restart(self, url: str) -> None:
+        proc = next((p for p in self.procs if p.url == url), None)
+        if proc is None:
+            raise ValueError(f"cannot restart {url}: not started by this manager (attached URLs "
+                             "are restarted by whoever launched them)")
+        proc.stop()
+        proc.start()
+        self.wait_healthy([url])
+
+    def restart_dead(self, on_down: Callable[[str], None] | None = None,
+                     on_up: Callable[[str], None] | None = None) -> list[str]:
+        dead = self.dead()
+        for url in dead:
+            logger.warning("rollout server %s is down; restarting", url)
+            if on_down:
+                on_down(url)
+            self.restart(url)
+            if on_up:
+                on_up(url)
+        return dead
+
+    def watch(self, on_down: Callable[[str], None], on_up: Callable[[str], None],
+              interval_s: float = 2.0) -> None:
+        """Background thread: restart dead servers and tell the client, until stop()."""
+        def loop():
+            while not self._watch_stop.wait(interval_s):
+                try:
+                    self.restart_dead(on_down, on_up)
+                except Exception:  # noqa: BLE001 - keep watching; the log says why
+                    logger.exception("restarting a rollout server failed")
+
+        self._watcher = threading.Thread(target=loop, name="server-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+        for p in self.procs:
+            p.stop()
+
+
+class RouterManager(ServerManager):
+    """The sglang-router in front of the servers (a single managed process)."""
+
+    def __init__(self, worker_urls: Sequence[str], *, host: str = "127.0.0.1", port: int | None = None,
+                 policy: str = "round_robin", api_key: str | None = None,
+                 extra_args: Sequence[str] = (), **kw):
+        # The router's /health answers before workers register; this one needs a healthy worker.
+        kw.setdefault("health_path", "/health_generate")
+        super().__init__(
+            lambda p: router_command(worker_urls, p, host=host, policy=policy, api_key=api_key,
+                                     extra_args=extra_args),
+            1, host=host, ports=None if port is None else [port], api_key=api_key, **kw,
+        )
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]

@@ -1,0 +1,413 @@
+"""Push the trainer's weights into running SGLang servers after every training step.
+
+Input: any iterable of ``(hf_name, tensor)`` — from the Megatron exporter or a plain HF model —
+streamed, so the whole model never has to sit in one place. Modes (``WeightSyncConfig.mode``):
+
+- ``"distributed"``: the sender is rank 0 of a weight-update group shared with every engine rank
+  (``/init_weights_update_group``; server i joins at ``rank_offset = 1 + sum(engine ranks of
+  servers before i)``), NCCL on GPU and gloo on CPU. Tensors are packed into ``flattened_bucket``
+  buckets of at most ``bucket_bytes`` (one oversized tensor travels alone) and broadcast while
+  ``/update_weights_from_distributed`` calls for the same bucket are in flight on other threads.
+- ``"disk"``: each sender writes an HF safetensors shard, then ``/update_weights_from_disk``.
+- ``"colocated"``: CUDA-IPC ``/update_weights_from_tensor`` — not implemented (raises).
+
+Every sync: pause generation (mode "abort"; the rollout client re-sends aborted samples), send,
+verify, then ``/update_weight_version`` to the step and ``/continue_generation``. Verification
+reads the first ``verify_rows`` rows of a few randomly chosen tensors back with
+``/get_weights_by_name`` and compares them with what was sent (exactly, by default: a stale
+weight differs by one optimizer step, far below any loose tolerance). The first rows are the same
+in a TP-sharded server (SGLang returns rank 0's shard of column-parallel weights), as long as
+``verify_rows`` is below the shard's row count. On failure the servers stay paused, the sync
+raises :class:`WeightSyncError`, and a later ``sync`` resends everything.
+
+Pipeline parallelism: each pipeline stage's sender (one rank per stage that holds that stage's
+full HF-named tensors) makes its own ``WeightSyncer`` with ``sender_index = stage`` and
+``num_senders = PP``, and its own group (``<group_name>_s<index>``) in which it is rank 0 — SGLang
+receivers always broadcast from rank 0. Stages take turns (``turn_barrier``) because a server
+serves one weight-update call at a time: two senders reaching servers in different orders would
+deadlock their collectives. No stage ever holds another stage's layers.
+
+Timeouts bound every step: HTTP calls (``http_timeout_s``, per bucket ``timeout_s``) and the
+collectives (group timeout), so a server that dies during a sync gives an error naming it within
+``timeout_s`` instead of a hang. After such an error the group may be unusable: ``close()`` and
+``connect()`` again once the server is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.rollout.protocol import (
+    destroy_weight_update_group, dtype_to_str, error_message, flatten_bucket,
+    init_weight_update_group, order_for_alignment,
+)
+from maspo_megatron.rollout.servers import free_port
+
+logger = logging.getLogger(__name__)
+
+MODES = ("distributed", "disk", "colocated")
+
+
+@dataclass
+class WeightSyncConfig:
+    mode: str = "distributed"  # "distributed" | "disk" | "colocated"
+    bucket_bytes: int = 512 << 20  # flattened_bucket size limit
+    backend: str | None = None  # None: "nccl" when CUDA is available, else "gloo"
+    master_address: str = "127.0.0.1"  # this sender's address as the servers reach it
+    master_port: int = 0  # 0: a free port (per sender)
+    group_name: str = "maspo_weight_update"
+    init_timeout_s: float = 300.0  # group rendezvous
+    timeout_s: float = 600.0  # one bucket (HTTP + collective); also the group's timeout
+    http_timeout_s: float = 60.0  # control calls: pause, continue, version, verification
+    disk_dir: str | None = None  # disk mode: where HF safetensors shards are written
+    verify: bool = True
+    verify_tensors: int = 4  # tensors read back per sender and server
+    verify_rows: int = 2  # leading rows compared (SGLang's truncate_size)
+    verify_atol: float = 0.0
+    flush_cache: bool = True  # flush the prefix cache after new weights land
+    pause_mode: str = "abort"  # SGLang /pause_generation mode
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"WeightSyncConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.bucket_bytes <= 0:
+            raise ValueError(f"WeightSyncConfig.bucket_bytes must be positive, got {self.bucket_bytes}")
+        if self.mode == "disk" and not self.disk_dir:
+            raise ValueError("WeightSyncConfig.disk_dir is required when mode='disk'")
+        if self.verify_rows < 1 or self.verify_tensors < 0:
+            raise ValueError("WeightSyncConfig.verify_rows must be >= 1 and verify_tensors >= 0")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync that did not complete or did not verify; names the server and the step."""
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    bytes: int
+    tensors: int
+    buckets: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def _spawn(fn, *args) -> Future:
+    """Runs fn on a daemon thread: a collective stuck on a dead peer must not block exit."""
+    fut: Future = Future()
+
+    def target():
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            fut.set_exception(e)
+
+    threading.Thread(target=target, daemon=True).start()
+    return fut
+
+
+def post_json(url: str, path: str, payload: dict | None, timeout_s: float,
+              api_key: str | None = None, what: str = "") -> object:
+    """POSTs JSON; returns the parsed body; raises WeightSyncError quoting the server on failure."""
+    req = urllib.request.Request(url + path, data=json.dumps(payload or {}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    label = f"{what}: " if what else ""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        raise WeightSyncError(f"{label}{url}{path} answered HTTP {e.code}: "
+                              f"{error_message(e.code, text)}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise WeightSyncError(f"{label}{url}{path} failed: {e} (server down or not answering "
+                              f"within {timeout_s:.0f}s)") from e
+    try:
+        body = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return text
+    if isinstance(body, dict) and body.get("success") is False:
+        raise WeightSyncError(f"{label}{url}{path} reported failure: {body.get('message')}")
+    return body
+
+
+def make_turn_barrier(group=None, device: torch.device | str = "cpu") -> Callable[[bool], bool]:
+    """A ``turn_barrier`` over a torch.distributed group of senders (e.g. the first rank of
+    every pipeline stage): returns True iff every sender passed ``ok=True``."""
+    def barrier(ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+    return barrier
+
+
+def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Groups a stream of tensors into buckets of at most ``bucket_bytes`` (an oversized tensor
+    forms a bucket of its own), each ordered for flattened_bucket alignment."""
+    bucket, size = [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield order_for_alignment(bucket)
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield order_for_alignment(bucket)
+
+
+class _Sampler:
+    """Reservoir sample of k tensors from a stream; keeps only their leading rows."""
+
+    def __init__(self, k: int, rows: int, seed: int):
+        self.k, self.rows, self.rng = k, rows, random.Random(seed)
+        self.seen, self.kept = 0, []
+
+    def offer(self, name: str, t: torch.Tensor) -> None:
+        if t.dim() == 0 or self.k == 0:
+            return
+        self.seen += 1
+        item = (name, t[: self.rows].detach().float().cpu().clone())
+        if len(self.kept) < self.k:
+            self.kept.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.k:
+                self.kept[j] = item
+
+
+class WeightSyncer:
+    """One sender's side of the weight sync (see the module docstring for the protocol)."""
+
+    def __init__(self, server_urls: Sequence[str], config: WeightSyncConfig | None = None, *,
+                 engine_ranks_per_server: int | Sequence[int] = 1, api_key: str | None = None,
+                 sender_index: int = 0, num_senders: int = 1,
+                 turn_barrier: Callable[[bool], bool] | None = None):
+        self.config = config or WeightSyncConfig()
+        self.config.validate()
+        if self.config.mode == "colocated":
+            raise NotImplementedError(
+                "WeightSyncConfig.mode='colocated' (CUDA-IPC /update_weights_from_tensor with "
+                "flattened_bucket payloads pickled as SGLang's FlattenedTensorMetadata, plus "
+                "/release_memory_occupation and /resume_memory_occupation around training) is "
+                "not implemented; use mode='distributed'"
+            )
+        if not server_urls:
+            raise ValueError("WeightSyncer needs at least one server URL (not the router's: "
+                             "weight-update endpoints answer 404 through sglang-router)")
+        if num_senders > 1 and turn_barrier is None:
+            raise ValueError("num_senders > 1 needs a turn_barrier (see make_turn_barrier)")
+        if not 0 <= sender_index < num_senders:
+            raise ValueError(f"sender_index {sender_index} not in [0, {num_senders})")
+        self.urls = [u.rstrip("/") for u in server_urls]
+        ranks = ([engine_ranks_per_server] * len(self.urls) if isinstance(engine_ranks_per_server, int)
+                 else list(engine_ranks_per_server))
+        if len(ranks) != len(self.urls) or min(ranks) < 1:
+            raise ValueError(f"engine_ranks_per_server must give a positive count per server, got {ranks}")
+        self.engine_ranks = ranks
+        self.api_key = api_key
+        self.sender_index, self.num_senders = sender_index, num_senders
+        self.turn_barrier = turn_barrier
+        self.backend = self.config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+            else torch.device("cpu")
+        self.group = None
+        self.group_name = f"{self.config.group_name}_s{sender_index}"
+
+    # ------------------------------------------------------------------ helpers
+    def _post_all(self, path: str, payload: dict | None, timeout_s: float, what: str) -> list:
+        futs = [_spawn(post_json, u, path, payload, timeout_s, self.api_key, what) for u in self.urls]
+        return self._wait(futs, timeout_s + 5.0, what)
+
+    def _wait(self, futs: list[Future], timeout_s: float, what: str) -> list:
+        deadline = time.monotonic() + timeout_s
+        results = []
+        for fut in futs:
+            try:
+                results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError as e:
+                raise WeightSyncError(f"{what}: no answer within {timeout_s:.0f}s from the servers "
+                                      f"{self.urls} (a server died or hangs?)") from e
+            except WeightSyncError:
+                raise
+            except Exception as e:  # collective errors: peer gone, group timeout
+                raise WeightSyncError(f"{what}: {type(e).__name__}: {e}") from e
+        return results
+
+    def _step(self, ok: bool, fn: Callable[[], None] | None, errors: list) -> bool:
+        """Runs fn if everything so far is ok, then agrees with the other senders."""
+        if ok and fn is not None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised after the barrier
+                errors.append(e)
+                ok = False
+        return self.turn_barrier(ok) if self.turn_barrier else ok
+
+    def _in_turns(self, fn: Callable[[], None], ok: bool, errors: list) -> bool:
+        for turn in range(self.num_senders):
+            ok = self._step(ok, fn if turn == self.sender_index else None, errors)
+        return ok
+
+    # ------------------------------------------------------------------ group
+    def connect(self) -> None:
+        """Creates the weight-update group with every server (distributed mode; else no-op)."""
+        if self.config.mode != "distributed" or self.group is not None:
+            return
+        errors: list = []
+        ok = self._in_turns(self._connect, True, errors)
+        self._raise_if(ok, errors, "connect")
+
+    def _connect(self) -> None:
+        cfg = self.config
+        port = cfg.master_port + self.sender_index if cfg.master_port else free_port()
+        world = 1 + sum(self.engine_ranks)
+        offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.urls))]
+        futs = [_spawn(post_json, url, "/init_weights_update_group", {
+            "master_address": cfg.master_address, "master_port": port, "rank_offset": off,
+            "world_size": world, "group_name": self.group_name, "backend": self.backend,
+        }, cfg.init_timeout_s, self.api_key, "init_weights_update_group")
+            for url, off in zip(self.urls, offsets)]
+        group = _spawn(init_weight_update_group, backend=self.backend,
+                       master_address=cfg.master_address, master_port=port, rank=0,
+                       world_size=world, group_name=self.group_name, timeout_s=cfg.timeout_s)
+        self.group = self._wait([group] + futs, cfg.init_timeout_s + 5.0,
+                                f"creating weight-update group {self.group_name!r}")[0]
+        logger.info("weight-update group %s: world %d, port %d", self.group_name, world, port)
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self._post_all("/destroy_weights_update_group", {"group_name": self.group_name},
+                           self.config.http_timeout_s, "destroy_weights_update_group")
+        finally:
+            destroy_weight_update_group(self.group)
+            self.group = None
+
+    # ------------------------------------------------------------------ sync
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | str) -> SyncStats:
+        """Sends this sender's tensors to every server; ``version`` becomes their weight_version.
+
+        Every sender calls this collectively (same ``version``)."""
+        cfg = self.config
+        if cfg.mode == "distributed" and self.group is None:
+            self.connect()
+        t0 = time.monotonic()
+        stats = SyncStats(0.0, 0, 0, 0)
+        sampler = _Sampler(cfg.verify_tensors if cfg.verify else 0, cfg.verify_rows,
+                           seed=zlib.crc32(f"{version}/{self.sender_index}".encode()))
+        lead = self.sender_index == 0
+        errors: list = []
+        ok = self._step(True, (lambda: self._post_all(
+            "/pause_generation", {"mode": cfg.pause_mode}, cfg.http_timeout_s, "pause_generation"))
+            if lead else None, errors)
+        if cfg.mode == "distributed":
+            ok = self._in_turns(lambda: self._send_distributed(named_tensors, sampler, stats), ok, errors)
+        else:
+            path = os.path.join(cfg.disk_dir, f"weights_v{version}")
+            ok = self._step(ok, lambda: self._write_shard(named_tensors, sampler, stats, path), errors)
+            ok = self._step(ok, (lambda: self._post_all(
+                "/update_weights_from_disk", {"model_path": path, "flush_cache": False},
+                cfg.timeout_s, "update_weights_from_disk")) if lead else None, errors)
+        if cfg.verify:
+            ok = self._step(ok, lambda: self._verify(sampler.kept, version), errors)
+        ok = self._step(ok, (lambda: self._finish(version)) if lead else None, errors)
+        self._raise_if(ok, errors, f"weight sync to version {version}")
+        stats.seconds = time.monotonic() - t0
+        logger.info("weight sync v%s: %.2f GB in %d buckets, %.2fs (%.2f GB/s)", version,
+                    stats.bytes / 1e9, stats.buckets, stats.seconds, stats.gbps)
+        return stats
+
+    def _raise_if(self, ok: bool, errors: list, what: str) -> None:
+        if errors:
+            raise errors[0] if isinstance(errors[0], WeightSyncError) else \
+                WeightSyncError(f"{what} failed: {errors[0]}") from errors[0]
+        if not ok:
+            raise WeightSyncError(f"{what} failed on another sender (see its error); servers stay "
+                                  "paused with partially updated weights")
+
+    def _finish(self, version) -> None:
+        cfg = self.config
+        self._post_all("/update_weight_version", {"new_version": str(version)},
+                       cfg.http_timeout_s, "update_weight_version")
+        if cfg.flush_cache:
+            self._post_all("/flush_cache", None, cfg.http_timeout_s, "flush_cache")
+        self._post_all("/continue_generation", None, cfg.http_timeout_s, "continue_generation")
+
+    def _send_distributed(self, named, sampler: _Sampler, stats: SyncStats) -> None:
+        cfg = self.config
+        for bucket in iter_buckets(named, cfg.bucket_bytes):
+            for name, t in bucket:
+                sampler.offer(name, t)
+            flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
+            payload = {
+                "names": [m.name for m in metas], "dtypes": [dtype_to_str(m.dtype) for m in metas],
+                "shapes": [list(m.shape) for m in metas], "group_name": self.group_name,
+                "flush_cache": False, "load_format": "flattened_bucket",
+            }
+            what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
+            # The HTTP calls block until the servers have received the broadcast: run them
+            # concurrently with it.
+            futs = [_spawn(post_json, u, "/update_weights_from_distributed", payload,
+                           cfg.timeout_s, self.api_key, what) for u in self.urls]
+            futs.append(_spawn(dist.broadcast, flat, 0, self.group))
+            self._wait(futs, cfg.timeout_s + 5.0, f"update_weights_from_distributed, {what}")
+            stats.bytes += flat.numel()
+            stats.tensors += len(metas)
+            stats.buckets += 1
+
+    def _write_shard(self, named, sampler: _Sampler, stats: SyncStats, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {}
+        for name, t in named:
+            sampler.offer(name, t)
+            tensors[name] = t.detach().contiguous().cpu()
+            stats.bytes += t.numel() * t.element_size()
+        stats.tensors += len(tensors)
+        stats.buckets += 1
+        shard = f"model-{self.sender_index + 1:05d}-of-{self.num_senders:05d}.safetensors"
+        save_file(tensors, os.path.join(path, shard), metadata={"format": "pt"})
+
+    def _verify(self, kept: list[tuple[str, torch.Tensor]], version) -> None:
+        cfg = self.config
+        for name, rows in kept:
+            for url, got in zip(self.urls, self._post_all(
+                    "/get_weights_by_name", {"name": name, "truncate_size": cfg.verify_rows},
+                    cfg.http_timeout_s, f"verifying {name}")):
+                try:
+                    served = torch.tensor(got, dtype=torch.float32)
+                except (TypeError, ValueError) as e:
+                    raise WeightSyncError(f"verification of v{version}: {url} returned a non-numeric "
+                                          f"value for {name}: {str(got)[:200]}") from e
+                if served.shape != rows.shape:
+                    raise WeightSyncError(
+                        f"verification of v{version}: {url} returned shape {list(served.shape)} for "
+                        f"the first {cfg.verify_rows} rows of {name}, the trainer has {list(rows.shape)}")
+                diff = (served - rows).abs().max().item() if rows.numel() else 0.0
+                if not diff <= cfg.verify_atol:
+                    raise WeightSyncError(
+                        f"verification of v{version} failed: {name} on {url} differs from the "
+                        f"trainer's by up to {diff:.3g} (atol {cfg.verify_atol}); trainer "
+                        f"{rows.flatten()[:4].tolist()} vs server {served.flatten()[:4].tolist()}")
