@@ -1,0 +1,443 @@
+"""The Megatron actor: log-prob passes and the policy-loss train step over TP/PP/DP.
+
+Every rank holds the whole (small) batch of token ids; the actor deals sequences to its
+data-parallel rank, packs them into micro-batches by a token budget, and runs megatron-core's
+own pipeline schedule, DDP and (distributed) optimizer. Log-probs and entropy come from the
+vocab-parallel ops in ``maspo_megatron.ops``: the logits stay sharded over the TP group.
+
+Loss normalisation: the global counts (response tokens, sequences) of a mini-batch are known
+on every rank before the step, so each micro-batch's loss is ``sum(local tokens) / global
+count`` and the accumulated gradient equals that of one big batch. megatron's schedule divides
+each micro-batch loss by the number of micro-batches and DDP averages over data-parallel
+ranks; the actor multiplies both back (``_MEGATRON_AVERAGING``) so neither averaging applies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.algo.aggregation import AggregationConfig, aggregate
+from maspo_megatron.algo.losses import PolicyLossConfig, loss_config_class, policy_loss
+from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam and its learning-rate schedule (megatron-core's optimizer and scheduler)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (the MASPO paper trains at 1e-6)."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimizer steps."""
+    decay_steps: int | None = None
+    """Cosine horizon in optimizer steps (required for ``cosine``)."""
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"optimizer.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not self.decay_steps:
+            raise ValueError("optimizer.decay_steps is required for lr_schedule='cosine'")
+
+
+@dataclass
+class ActorConfig:
+    """What one train step does."""
+
+    loss: str = "maspo"
+    """Policy loss name (``algo.losses``): maspo, grpo, clip_higher, sapo, gspo, cispo."""
+    loss_config: PolicyLossConfig | None = None
+    """The loss's typed config; None takes the paper defaults of ``loss``."""
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts: log-probs are of softmax(logits / temperature)."""
+    num_mini_batches: int = 1
+    """Optimizer steps per train step (the batch is split into this many mini-batches)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of a micro-batch (sequences x padded length); one long sequence may exceed it."""
+    fused_logprobs: bool = False
+    """Compute log-probs from hidden states and the output weight, never materialising logits."""
+    logprob_chunk_tokens: int | None = None
+    """Tokens per chunk in the log-prob op (bounds its extra memory); None: one pass."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (subtracted from the loss)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL estimate to a reference policy (needs ``ref_logprobs`` in the batch)."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap; applied when the batch has ``rollout_logprobs``."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self):
+        cls = loss_config_class(self.loss)  # raises with the valid names
+        if self.loss_config is not None and not isinstance(self.loss_config, cls):
+            raise TypeError(f"actor.loss_config must be a {cls.__name__} for loss {self.loss!r}")
+        if self.num_mini_batches < 1 or self.micro_batch_tokens < 1:
+            raise ValueError("actor.num_mini_batches and actor.micro_batch_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded prompt+response token ids with per-token training data.
+
+    ``response_mask`` marks the response tokens (the ones the policy generated and is trained
+    on). Per-token fields are ``[N, L]`` aligned with ``input_ids``; ``advantages`` may be
+    ``[N]`` (one per sequence).
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n, length = self.input_ids.shape
+        if self.lengths.shape != (n,):
+            raise ValueError(f"lengths must have shape [{n}], got {tuple(self.lengths.shape)}")
+        if int(self.lengths.max()) > length or int(self.lengths.min()) < 1:
+            raise ValueError("lengths must lie in [1, input_ids.shape[1]]")
+        for name in ("response_mask", "old_logprobs", "rollout_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n, length):
+                raise ValueError(f"{name} must have shape [{n}, {length}], got {tuple(value.shape)}")
+        if self.advantages is not None and self.advantages.shape not in ((n,), (n, length)):
+            raise ValueError(f"advantages must have shape [{n}] or [{n}, {length}], "
+                             f"got {tuple(self.advantages.shape)}")
+        self.response_mask = self.response_mask.bool()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor, max_len: int | None = None) -> dict[str, torch.Tensor]:
+        """Rows ``index`` as a dict of tensors, truncated to ``max_len`` columns."""
+        max_len = max_len or int(self.lengths[index].max())
+        out = {}
+        for name in ("input_ids", "response_mask", "advantages", "old_logprobs",
+                     "rollout_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value[index][:, :max_len] if value.dim() == 2 else value[index]
+        return out
+
+
+def deal_to_dp_ranks(lengths: torch.Tensor, dp_size: int) -> list[torch.Tensor]:
+    """Deals sequences to data-parallel ranks, longest first, so their token counts balance."""
+    if len(lengths) < dp_size:
+        raise ValueError(f"a mini-batch of {len(lengths)} sequences cannot feed {dp_size} data-parallel ranks")
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return [order[r::dp_size] for r in range(dp_size)]
+
+
+def pack_micro_batches(index: torch.Tensor, lengths: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
+    """Greedy packing of rows ``index`` (longest first) into micro-batches of padded size <= budget."""
+    index = index[torch.argsort(lengths[index], descending=True, stable=True)]
+    micro, current = [], []
+    for i in index.tolist():
+        # Rows are sorted by length, so the first row of a micro-batch sets its padded length.
+        padded = int(lengths[current[0] if current else i])
+        if current and padded * (len(current) + 1) > token_budget:
+            micro.append(torch.tensor(current))
+            current = []
+        current.append(i)
+    if current:
+        micro.append(torch.tensor(current))
+    return micro
+
+
+def _k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    # Schulman's k3 estimator of KL(pi || ref): unbiased, non-negative, low variance.
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+class Actor:
+    """Policy (or reference) model under megatron-core with log-prob and train passes."""
+
+    def __init__(self, model_chunks: list, cfg: ActorConfig, *, trainable: bool = True):
+        from megatron.core import parallel_state as ps
+
+        from maspo_megatron.megatron.model import model_spec
+
+        self.cfg = cfg
+        self.spec = model_spec(model_chunks[0])
+        if ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("context parallelism in the actor (CP-aware log-prob slicing) is not implemented")
+        if len(model_chunks) != 1:
+            raise NotImplementedError("virtual pipeline stages (several model chunks per rank) are not implemented")
+        config = self.spec.transformer_config
+        if cfg.fused_logprobs and config.sequence_parallel:
+            raise NotImplementedError("fused_logprobs with sequence_parallel (needs an all-gather of hidden "
+                                      "states along the sequence) is not implemented; use fused_logprobs=False")
+        # Micro-batches have different shapes; pipeline stages must exchange them.
+        config.variable_seq_lengths = True
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.optimizer = self.scheduler = None
+        self.model = model_chunks
+        self.steps = 0
+        if trainable:
+            self._setup_training(model_chunks)
+        else:
+            for chunk in model_chunks:
+                chunk.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _setup_training(self, model_chunks: list) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optimizer
+        config = self.spec.transformer_config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        )
+        self.model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk)
+                      for chunk in model_chunks]
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
+                bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+            ),
+            self.model,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=o.decay_steps or max(o.warmup_steps, 1),
+            lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=1, wd_incr_style="constant",
+        )
+        config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    # ------------------------------------------------------------------------------ passes
+
+    def _logprobs(self, output, micro: dict, entropy: bool):
+        """Per-token log-probs/entropy of a micro-batch from the last stage's output."""
+        if self.cfg.fused_logprobs:
+            return output  # already computed by the output processor
+        return response_logprobs_from_logits(
+            output, micro["input_ids"], micro["response_mask"], self.tp_group, entropy=entropy,
+            temperature=self.cfg.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+            vocab_size=self.spec.vocab_size,
+        )
+
+    def _fused_output_processor(self, *, hidden_states, output_layer, output_weight, context, **_):
+        weight = output_weight if output_weight is not None else output_layer.weight
+        return response_logprobs_from_hidden(
+            hidden_states.transpose(0, 1), weight, context["input_ids"], context["response_mask"],
+            self.tp_group, entropy=context["entropy"], temperature=self.cfg.temperature,
+            chunk_tokens=self.cfg.logprob_chunk_tokens or 1024, vocab_size=self.spec.vocab_size,
+        )
+
+    def _forward(self, model, micro: dict, entropy: bool):
+        ids = micro["input_ids"]
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        kwargs = {}
+        if self.cfg.fused_logprobs:
+            kwargs = dict(output_processor=self._fused_output_processor,
+                          output_processor_context=dict(micro, entropy=entropy))
+        # attention_mask=None: causal attention; right padding never influences real tokens.
+        return model(ids, positions, None, **kwargs)
+
+    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool, entropy: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            return self._forward(model, micro, entropy), partial(loss_func, micro)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=max(m["input_ids"].shape[1] for m in micro_batches),
+            micro_batch_size=max(m["input_ids"].shape[0] for m in micro_batches),
+            forward_only=forward_only,
+        )
+
+    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor) -> list[dict]:
+        device = _device()
+        shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
+        micro = []
+        for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens):
+            m = {k: v.to(device) for k, v in batch.select(rows).items()}
+            m["rows"] = rows
+            micro.append(m)
+        return micro
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False):
+        """Log-probs (and entropy) of every response token, ``[N, L]``, zero elsewhere.
+
+        Forward-only through the pipeline schedule; the result is assembled from all
+        data-parallel ranks and pipeline stages, so every rank returns the full tensors.
+        """
+        for chunk in self.model:
+            chunk.eval()
+        micro = self._micro_batches(batch, torch.arange(len(batch)))
+        out_lp = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        out_ent = torch.zeros_like(out_lp) if entropy else None
+
+        def loss_func(m, output):
+            lp, ent = self._logprobs(output, m, entropy)
+            out_lp[m["rows"], : lp.shape[1]] = lp.float().cpu()
+            if entropy:
+                out_ent[m["rows"], : ent.shape[1]] = ent.float().cpu()
+            return lp.sum() * 0, {}
+
+        self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
+        results = [out_lp] + ([out_ent] if entropy else [])
+        # Each row was filled on exactly one DP rank's last stage: a sum assembles the batch.
+        stacked = torch.stack(results).to(_device())
+        dist.all_reduce(stacked, group=self.dp_group)
+        dist.broadcast(stacked, src=self.pp_last_rank, group=self.pp_group)
+        stacked = stacked.cpu()
+        return stacked[0], (stacked[1] if entropy else None)
+
+    def _loss(self, counts: dict, num_micro: int, m: dict, output):
+        cfg = self.cfg
+        mask = m["response_mask"]
+        need_entropy = cfg.entropy_coef > 0
+        lp, ent = self._logprobs(output, m, entropy=True)
+        adv = m["advantages"]
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(lp)
+        loss_tok, metrics = policy_loss(
+            cfg.loss, cfg.loss_config, lp, m["old_logprobs"], adv, mask,
+            rollout_logprobs=m.get("rollout_logprobs"),
+            tis_cap=cfg.tis_cap if "rollout_logprobs" in m else None,
+        )
+        if cfg.kl_coef > 0:
+            kl = _k3_kl(m["ref_logprobs"], lp)
+            loss_tok = loss_tok + cfg.kl_coef * kl
+            metrics["kl_ref"] = kl[mask].mean() if mask.any() else kl.sum() * 0
+        if need_entropy:
+            loss_tok = loss_tok - cfg.entropy_coef * ent
+        loss = aggregate(cfg.aggregation, loss_tok, mask, global_num_tokens=counts["tokens"],
+                         global_num_seqs=counts["seqs"])
+        n_tok = mask.sum()
+        reported = {k: v.detach().float() * (1 if _is_max(k) else n_tok) for k, v in metrics.items()}
+        reported["entropy"] = ent.detach().float()[mask].sum()
+        reported["_tokens"] = n_tok.float()
+        reported["loss"] = loss.detach().float()
+        # Undo megatron's per-micro-batch and data-parallel averaging (module docstring).
+        return loss * (num_micro * self.dp_size), reported
+
+    def train_step(self, batch: SequenceBatch) -> dict[str, float]:
+        """One train step: ``num_mini_batches`` optimizer steps over ``batch``.
+
+        ``batch`` must carry ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when
+        ``kl_coef > 0``). Returns metrics averaged over mini-batches; a mini-batch whose loss is
+        not finite is skipped (no optimizer step) and counted in ``skipped_steps``.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this Actor was built with trainable=False")
+        if batch.advantages is None or batch.old_logprobs is None:
+            raise ValueError("train_step needs a batch with advantages and old_logprobs")
+        if self.cfg.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError("actor.kl_coef > 0 needs ref_logprobs in the batch")
+        for chunk in self.model:
+            chunk.train()
+        start = time.perf_counter()
+        n = len(batch)
+        if n % self.cfg.num_mini_batches:
+            raise ValueError(f"batch of {n} sequences is not divisible by num_mini_batches="
+                             f"{self.cfg.num_mini_batches}")
+        history: list[dict[str, float]] = []
+        for index in torch.arange(n).chunk(self.cfg.num_mini_batches):
+            counts = {"tokens": int(batch.response_mask[index].sum()), "seqs": len(index)}
+            micro = self._micro_batches(batch, index)
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
+                                         forward_only=False, entropy=True)
+            metrics = self._reduce_metrics(reduced)
+            if math.isfinite(metrics["loss"]):
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+                metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                               skipped_steps=0.0 if ok else 1.0)
+            else:
+                metrics.update(grad_norm=float("nan"), skipped_steps=1.0)
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            history.append(metrics)
+        self.steps += 1
+        out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        out["skipped_steps"] = sum(h["skipped_steps"] for h in history)
+        elapsed = time.perf_counter() - start
+        out["train_time_s"] = elapsed
+        out["tokens_per_s"] = float(batch.lengths.sum()) / elapsed
+        return out
+
+    def _reduce_metrics(self, reduced: list[dict]) -> dict[str, float]:
+        """Token-weighted means (maxima for ``*_max``) over micro-batches and DP ranks.
+
+        Computed on the last pipeline stage and sent to every stage, so any rank can log them.
+        """
+        holder = [sorted(reduced[0]) if reduced else None]
+        dist.broadcast_object_list(holder, src=self.pp_last_rank, group=self.pp_group)
+        values = {}
+        for op, keys in ((dist.ReduceOp.SUM, [k for k in holder[0] if not _is_max(k)]),
+                         (dist.ReduceOp.MAX, [k for k in holder[0] if _is_max(k)])):
+            acc = torch.zeros(len(keys), dtype=torch.float64)
+            for r in reduced:
+                v = torch.stack([r[k].double().cpu() for k in keys]) if keys else acc
+                acc = acc + v if op == dist.ReduceOp.SUM else torch.maximum(acc, v)
+            acc = acc.to(_device())
+            dist.all_reduce(acc, op=op, group=self.dp_group)
+            dist.broadcast(acc, src=self.pp_last_rank, group=self.pp_group)
+            values.update(zip(keys, acc.cpu().tolist()))
+        tokens = max(values.pop("_tokens"), 1.0)
+        out = {k: v if _is_max(k) or k == "loss" else v / tokens for k, v in values.items()}
+        out["response_tokens"] = tokens
+        return out
+
+
+def _is_max(key: str) -> bool:
+    return key.endswith("_max")
+
+
+def _device() -> torch.device:
+    from maspo_megatron.runtime import device
+
+    return device()
