@@ -119,3 +119,13 @@ def test_bad_arguments():
 def test_from_config():
     with RewardPool.from_config(RewardConfig(fn="synthetic", num_workers=1, timeout_s=5.0)) as pool:
         assert [r.reward for r in pool.score(["7<eos>", "3", ""], ["7", "4", "1"])] == [1.0, 0.0, 0.0]
+
+
+def test_worker_killed_while_idle_is_replaced():
+    with RewardPool("synthetic", num_workers=1, timeout_s=5.0) as pool:
+        assert pool.score(["1"], ["1"])[0].reward == 1.0
+        victim = pool._workers[0].process
+        victim.kill()
+        victim.join()
+        assert [r.reward for r in pool.score(["1", "2"], ["1", "1"])] == [1.0, 0.0]
+        assert pool.num_restarts == 1

@@ -225,10 +225,15 @@ class RewardPool:
         pending = collections.deque(range(len(responses)))
         while pending or any(w.task for w in self._workers):
             now = time.monotonic()
-            for worker in self._workers:
+            for slot, worker in enumerate(self._workers):
                 if worker.ready and worker.task is None and pending:
-                    index = pending.popleft()
-                    worker.conn.send((index, responses[index], answers[index]))
+                    index = pending[0]
+                    try:
+                        worker.conn.send((index, responses[index], answers[index]))
+                    except OSError:  # died while idle (e.g. the OOM killer): the sample waits for another
+                        self._handle_death(slot, results)
+                        continue
+                    pending.popleft()
                     worker.task = (index, now + self.timeout_s + self.kill_grace_s)
             waits = [w.task[1] - now for w in self._workers if w.task]
             waits += [w.started_at + self.startup_timeout_s - now for w in self._workers if not w.ready]
