@@ -159,7 +159,7 @@ def chunk_grad_z(
     zc = x[:, :n_valid].to(compute_dtype(x.dtype), copy=True)
     zc.div_(temperature)
     zc.sub_(m.unsqueeze(1))  # z - m
-    p = torch.exp(zc - log_s.unsqueeze(1))
+    p = torch.sub(zc, log_s.unsqueeze(1)).exp_()
     if g_h is not None:
         # coef = g_lp + g_h (z - E),  z - E = (z - m) - w/s
         coef = zc.sub_(w_over_s.unsqueeze(1)).mul_(g_h.unsqueeze(1)).add_(g_lp.unsqueeze(1))
