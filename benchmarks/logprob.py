@@ -5,6 +5,7 @@ Variants, all on the same bf16 ``[tokens, V/tp]`` logits shard, measured in this
   floor      memory-bound floor: one ``logsumexp`` pass + one elementwise write of [tokens, V/tp]
   ours       ``vocab_parallel_logprobs`` (log-probs + entropy), unchunked
   ours/cK    the same with ``chunk_tokens=K``
+  mcore      megatron-core ``vocab_parallel_cross_entropy`` alone (log-probs, no entropy)
   mcore+ent  megatron-core ``vocab_parallel_cross_entropy`` (log-probs) + a separate plain-autograd
              entropy (softmax, sum p*z), as trainers built on megatron-core do
 
@@ -71,17 +72,19 @@ def variants(chunks: list[int], have_mcore: bool):
             return lp, ent
         return f
 
-    def mcore(x, t):
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    def mcore(with_entropy):
+        def f(x, t):
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        xr = x.requires_grad_(True)
-        lp = -vocab_parallel_cross_entropy(xr, t)
-        return lp, entropy_autograd(xr)
+            xr = x.requires_grad_(True)
+            lp = -vocab_parallel_cross_entropy(xr, t)
+            return lp, (entropy_autograd(xr) if with_entropy else None)
+        return f
 
     out = [("floor", floor, False), ("ours", ours(None), True)]
     out += [(f"ours/c{c}", ours(c), True) for c in chunks]
     if have_mcore:
-        out.append(("mcore+ent", mcore, True))
+        out += [("mcore", mcore(False), True), ("mcore+ent", mcore(True), True)]
     return out
 
 
@@ -90,7 +93,10 @@ def run_once(fn, x, t, backward: bool):
     outs = fn(x, t)
     if backward:
         lp, ent = outs
-        torch.autograd.backward([lp, ent], [torch.ones_like(lp), torch.full_like(ent, 0.1)])
+        if ent is None:
+            lp.sum().backward()
+        else:
+            torch.autograd.backward([lp, ent], [torch.ones_like(lp), torch.full_like(ent, 0.1)])
         x.grad = None
 
 
