@@ -48,6 +48,8 @@ class ParamRule:
     megatron: str
     hf: tuple[str, ...]
     kind: ShardKind
+    hf_shapes: tuple[tuple[int, ...], ...]
+    """Expected shape of each ``hf`` tensor (checked against the checkpoint before loading)."""
     aliases: tuple[str, ...] = ()
     export: bool = True
     """False for a duplicate (the last stage's copy of tied embeddings): loaded, never exported."""

@@ -66,35 +66,37 @@ def dense_arch_config(hf_config: Any, *, qkv_bias: bool, qk_layernorm: bool) -> 
 
 def dense_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[ParamRule, ...]]:
     """(model-level, per-layer) rules of a dense decoder, honouring the arch's optional parts."""
+    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
     embed = "model.embed_tokens.weight"
     model_rules = [
-        ParamRule("embedding.word_embeddings.weight", (embed,), ShardKind.VOCAB),
-        ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), ShardKind.REPLICATED),
+        ParamRule("embedding.word_embeddings.weight", (embed,), ShardKind.VOCAB, ((v, h),)),
+        ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), ShardKind.REPLICATED, ((h,),)),
         # With tied embeddings the last pipeline stage still holds its own copy of the
         # embedding as output_layer.weight (only when it is not also the first stage).
         ParamRule("output_layer.weight", (embed,) if arch.tie_word_embeddings else ("lm_head.weight",),
-                  ShardKind.VOCAB, export=not arch.tie_word_embeddings),
+                  ShardKind.VOCAB, ((v, h),), export=not arch.tie_word_embeddings),
     ]
-    attn = "model.layers.{layer}.self_attn."
+    attn, mlp = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
     layer_rules = [
         ParamRule("input_layernorm.weight", ("model.layers.{layer}.input_layernorm.weight",),
-                  ShardKind.REPLICATED, aliases=("self_attention.linear_qkv.layer_norm_weight",)),
-        ParamRule("self_attention.linear_qkv.weight",
-                  tuple(attn + f"{p}_proj.weight" for p in "qkv"), ShardKind.QKV),
-        ParamRule("self_attention.linear_proj.weight", (attn + "o_proj.weight",), ShardKind.ROW),
+                  ShardKind.REPLICATED, ((h,),), aliases=("self_attention.linear_qkv.layer_norm_weight",)),
+        ParamRule("self_attention.linear_qkv.weight", tuple(attn + f"{p}_proj.weight" for p in "qkv"),
+                  ShardKind.QKV, ((q, h), (kv, h), (kv, h))),
+        ParamRule("self_attention.linear_proj.weight", (attn + "o_proj.weight",), ShardKind.ROW, ((h, q),)),
         ParamRule("pre_mlp_layernorm.weight", ("model.layers.{layer}.post_attention_layernorm.weight",),
-                  ShardKind.REPLICATED, aliases=("mlp.linear_fc1.layer_norm_weight",)),
-        ParamRule("mlp.linear_fc1.weight",
-                  ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
-                  ShardKind.GATE_UP),
-        ParamRule("mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",), ShardKind.ROW),
+                  ShardKind.REPLICATED, ((h,),), aliases=("mlp.linear_fc1.layer_norm_weight",)),
+        ParamRule("mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                  ShardKind.GATE_UP, ((f, h), (f, h))),
+        ParamRule("mlp.linear_fc2.weight", (mlp + "down_proj.weight",), ShardKind.ROW, ((h, f),)),
     ]
     if arch.qkv_bias:
-        layer_rules.append(ParamRule("self_attention.linear_qkv.bias",
-                                     tuple(attn + f"{p}_proj.bias" for p in "qkv"), ShardKind.QKV))
+        layer_rules.append(ParamRule("self_attention.linear_qkv.bias", tuple(attn + f"{p}_proj.bias" for p in "qkv"),
+                                     ShardKind.QKV, ((q,), (kv,), (kv,))))
     if arch.qk_layernorm:
+        d = (arch.head_dim,)
         layer_rules += [
-            ParamRule("self_attention.q_layernorm.weight", (attn + "q_norm.weight",), ShardKind.REPLICATED),
-            ParamRule("self_attention.k_layernorm.weight", (attn + "k_norm.weight",), ShardKind.REPLICATED),
+            ParamRule("self_attention.q_layernorm.weight", (attn + "q_norm.weight",), ShardKind.REPLICATED, (d,)),
+            ParamRule("self_attention.k_layernorm.weight", (attn + "k_norm.weight",), ShardKind.REPLICATED, (d,)),
         ]
     return tuple(model_rules), tuple(layer_rules)
