@@ -23,7 +23,17 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.algo.aggregation import AggregationConfig, aggregate
-from maspo_megatron.algo.losses import PolicyLossConfig, loss_config_class, policy_loss
+from maspo_megatron.algo.losses import (
+    CISPOConfig,
+    ClipHigherConfig,
+    GRPOConfig,
+    GSPOConfig,
+    MASPOConfig,
+    PolicyLossConfig,
+    SAPOConfig,
+    get_loss,
+    policy_loss,
+)
 from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
 
 
@@ -58,13 +68,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class LossConfigs:
+    """One typed config per policy loss; ``ActorConfig.loss`` picks the active one."""
+
+    maspo: MASPOConfig = field(default_factory=MASPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    clip_higher: ClipHigherConfig = field(default_factory=ClipHigherConfig)
+    sapo: SAPOConfig = field(default_factory=SAPOConfig)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    cispo: CISPOConfig = field(default_factory=CISPOConfig)
+
+
+@dataclass
 class ActorConfig:
     """What one train step does."""
 
     loss: str = "maspo"
     """Policy loss name (``algo.losses``): maspo, grpo, clip_higher, sapo, gspo, cispo."""
-    loss_config: PolicyLossConfig | None = None
-    """The loss's typed config; None takes the paper defaults of ``loss``."""
+    losses: LossConfigs = field(default_factory=LossConfigs)
+    """Per-loss settings (paper defaults); only ``losses.<loss>`` is used."""
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     temperature: float = 1.0
     """Sampling temperature of the rollouts: log-probs are of softmax(logits / temperature)."""
@@ -85,13 +107,17 @@ class ActorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self):
-        cls = loss_config_class(self.loss)  # raises with the valid names
-        if self.loss_config is not None and not isinstance(self.loss_config, cls):
-            raise TypeError(f"actor.loss_config must be a {cls.__name__} for loss {self.loss!r}")
+        get_loss(self.loss)  # raises with the valid names
+        if not hasattr(self.losses, self.loss):
+            raise ValueError(f"actor.losses has no section for loss {self.loss!r}")
         if self.num_mini_batches < 1 or self.micro_batch_tokens < 1:
             raise ValueError("actor.num_mini_batches and actor.micro_batch_tokens must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def loss_config(self) -> PolicyLossConfig:
+        return getattr(self.losses, self.loss)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""``maspo-megatron``: train, eval, export-hf, demo.
+
+``train`` runs under torchrun; started without it, it starts torchrun itself with as many
+processes as the layout needs (``--nproc-per-node``), so one command works on a laptop and in a
+Slurm step alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from maspo_megatron.config import ConfigError, apply_overrides
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_recipe(name: str):
+    """A recipe by name (``recipes/NAME.py``) or path; its ``build()`` returns a TrainerConfig."""
+    path = Path(name) if name.endswith(".py") else RECIPES_DIR / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r} (no {path}); available: {', '.join(list_recipes())}")
+    spec = importlib.util.spec_from_file_location(f"maspo_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "build"):
+        raise ConfigError(f"recipe {path} has no build() function")
+    return module.build()
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    import subprocess
+
+    from maspo_megatron.rollout.servers import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           "-m", "maspo_megatron.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _default_nproc(cfg) -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    p = cfg.parallel
+    return p.tp * p.pp * p.cp
+
+
+def cmd_train(args) -> int:
+    cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
+    if not _under_torchrun():
+        nproc = args.nproc_per_node or _default_nproc(cfg)
+        return _relaunch_with_torchrun(nproc, ["train", "--recipe", args.recipe, *args.overrides])
+    from maspo_megatron.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from maspo_megatron.evaluate import EvalConfig, run_eval
+
+    cfg = apply_overrides(EvalConfig(), args.overrides)
+    results = run_eval(cfg)
+    for k, v in results.items():
+        print(f"{k}: {v:.4f}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    if not _under_torchrun():
+        return _relaunch_with_torchrun(args.nproc_per_node or 1, ["export-hf", *sys.argv[2:]])
+    from maspo_megatron.megatron.export import export_checkpoint_to_hf
+
+    export_checkpoint_to_hf(args.checkpoint, args.model, args.out, tp=args.tp, pp=args.pp)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from maspo_megatron.demo import run_demo
+
+    return run_demo(args.output_dir, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="maspo-megatron", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="RL training from a recipe")
+    p.add_argument("--recipe", required=True, help=f"recipe name or .py path ({', '.join(list_recipes())})")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes when not under torchrun (default: GPUs, or tp*pp*cp on CPU)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="Avg@k / Pass@k of a model on a dataset through SGLang servers")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="EvalConfig fields, e.g. model_path=DIR data.eval_path=F k=16")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export-hf", help="a training checkpoint -> a Hugging Face directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoints directory (latest step) of a run")
+    p.add_argument("--model", required=True, help="the HF directory the run started from (config, tokenizer)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=None)
+    p.set_defaults(fn=cmd_export_hf)
+
+    p = sub.add_parser("demo", help="the embedded CPU demo: MASPO learns a synthetic task in minutes")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"maspo-megatron: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""The RL loop: rollouts -> rewards -> advantages -> old log-probs -> MASPO step -> weight sync.
+
+SPMD under torchrun. Global rank 0 owns everything that is not the model: the prompt data and
+its cursor, the rollout servers and client, the reward workers and the metric sinks. It builds
+the step's batch and broadcasts it; every rank then runs the Megatron actor on its share. After
+the optimizer step, the first data-parallel replica sends its weights to the servers (one sender
+per pipeline stage, so no GPU ever holds the whole model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.algo.advantages import AdvantageConfig, group_advantages
+from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, overlong_penalty
+from maspo_megatron.config import to_dict
+from maspo_megatron.data import DataConfig
+from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
+from maspo_megatron.reward import RewardConfig
+from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
+from maspo_megatron.rollout.weight_sync import WeightSyncConfig
+from maspo_megatron.runtime import ParallelConfig
+
+logger = logging.getLogger("maspo_megatron")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model directory (config.json, safetensors, tokenizer files)."""
+    dtype: str = "bf16"
+    """Parameter dtype: bf16 (GPU), fp32 (CPU tests and the demo)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding multiple (times TP), megatron's convention."""
+    fp8: str | None = None
+    """FP8 training through Transformer Engine: ``hybrid`` (e4m3 forward, e5m2 backward) or
+    ``e4m3``; None trains in ``dtype``. GPU with TE only."""
+    fp8_recipe: str = "blockwise"
+    """TE scaling recipe: ``delayed``, ``tensorwise``, ``blockwise`` (Hopper) or ``mxfp8`` (Blackwell)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1; GPU)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: ``full`` or ``selective``; None keeps activations."""
+    transformer_overrides: dict = field(default_factory=dict)
+    """Any other megatron ``TransformerConfig`` fields, as JSON on the command line."""
+
+    def __post_init__(self):
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"model.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.fp8 not in (None, "hybrid", "e4m3"):
+            raise ValueError(f"model.fp8 must be None, 'hybrid' or 'e4m3', got {self.fp8!r}")
+        if self.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+            raise ValueError(f"model.fp8_recipe must be delayed/tensorwise/blockwise/mxfp8, got {self.fp8_recipe!r}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError("model.recompute_granularity must be None, 'full' or 'selective'")
+
+    def megatron_overrides(self) -> dict:
+        """TransformerConfig fields this config sets beyond the HF translation."""
+        out = dict(sequence_parallel=self.sequence_parallel)
+        if self.fp8:
+            from maspo_megatron.megatron.model import te_available
+
+            if not te_available():
+                raise RuntimeError("model.fp8 needs Transformer Engine on a CUDA device "
+                                   "(use the NGC PyTorch/NeMo container); unset model.fp8 on CPU")
+            out.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe)
+        if self.recompute_granularity:
+            out.update(recompute_granularity=self.recompute_granularity)
+            if self.recompute_granularity == "full":
+                out.update(recompute_method="uniform", recompute_num_layers=1)
+        out.update(self.transformer_overrides)
+        return out
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (no signal) and sample more prompts (DAPO)."""
+    max_sampling_rounds: int = 4
+    """Rollout rounds per step to fill the batch with informative groups."""
+    overlong_penalty: bool = False
+    """DAPO's soft length penalty added to rewards (see ``overlong``)."""
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    mask_truncated: bool = False
+    """Drop the loss on responses cut at max_new_tokens."""
+    use_tis: bool = False
+    """Truncated importance sampling with the rollout engine's log-probs (``actor.tis_cap``)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The whole run. Recipes build one; the CLI applies ``key=value`` overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    steps: int = 100
+    prompts_per_step: int = 32
+    output_dir: str = "outputs/run"
+    save_every: int = 50
+    """Checkpoint interval in steps (0: only at the end)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in ``output_dir/checkpoints`` when there is one."""
+    eval_every: int = 0
+    """Evaluation interval in steps on ``data.eval_path`` (0: never)."""
+    eval_samples: int = 4
+    """k of Avg@k / Pass@k during evaluation."""
+    eval_prompts: int = 64
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with a NaN/Inf loss (each is skipped)."""
+    seed: int = 0
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+    def __post_init__(self):
+        if self.steps < 1 or self.prompts_per_step < 1:
+            raise ValueError("steps and prompts_per_step must be >= 1")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsSink:
+    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases; rank 0 only."""
+
+    def __init__(self, cfg: TrainerConfig):
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.tb = self.wandb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("wandb_project is set but wandb is not installed "
+                                   "(pip install 'maspo-megatron[wandb]')") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, config=to_dict(cfg))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _console(step: int, total: int, m: dict, elapsed: float) -> None:
+    eta = elapsed / step * (total - step)
+    print(
+        f"step {step:>4}/{total} | reward {m.get('reward/mean', float('nan')):.3f} "
+        f"acc {m.get('reward/accuracy', float('nan')):.3f} | loss {m.get('actor/loss', float('nan')):+.4f} "
+        f"gnorm {m.get('actor/grad_norm', float('nan')):.3f} | gated+ {m.get('actor/maspo/gated_frac_pos', 0):.3f} "
+        f"gated- {m.get('actor/maspo/gated_frac_neg', 0):.3f} | len {m.get('response/length_mean', 0):.1f} | "
+        f"t {m.get('time/step_s', 0):.1f}s eta {eta / 60:.1f}min",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, with_rollout_logprobs: bool,
+                mask_truncated: bool) -> SequenceBatch:
+    """Right-padded prompt+response ids with per-token response masks and advantages."""
+    rows = [(g.prompt_ids, out, lp, fin) for g in groups
+            for out, lp, fin in zip(g.outputs, g.logprobs, g.finish)]
+    length = max(len(p) + len(o) for p, o, _, _ in rows)
+    n = len(rows)
+    ids = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    rollout_lp = torch.zeros(n, length)
+    lengths = torch.zeros(n, dtype=torch.long)
+    for i, (p, o, lp, fin) in enumerate(rows):
+        ids[i, : len(p)] = torch.tensor(p)
+        ids[i, len(p): len(p) + len(o)] = torch.tensor(o, dtype=torch.long)
+        lengths[i] = len(p) + len(o)
+        if not (mask_truncated and fin == "length"):
+            mask[i, len(p): len(p) + len(o)] = True
+        rollout_lp[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return SequenceBatch(
+        input_ids=ids, lengths=lengths, response_mask=mask,
+        advantages=advantages.reshape(-1).float(),
+        rollout_logprobs=rollout_lp if with_rollout_logprobs else None,
+    )
+
+
+def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
+    """Rank 0's batch on every rank: shapes as a small object, then one tensor broadcast each."""
+    names = [f.name for f in dataclasses.fields(SequenceBatch)]
+    meta = [None]
+    if dist.get_rank() == 0:
+        meta = [{k: (tuple(v.shape), v.dtype) for k in names if (v := getattr(batch, k)) is not None}]
+    dist.broadcast_object_list(meta, src=0)
+    dev = _device()
+    fields = {}
+    for k, (shape, dtype) in meta[0].items():
+        t = getattr(batch, k).to(dev) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
+        dist.broadcast(t, src=0)
+        fields[k] = t.cpu()
+    return SequenceBatch(**fields)
+
+
+def _device():
+    from maspo_megatron.runtime import device
+
+    return device()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.is_driver = self.rank == 0
+        self.engine = self.rewards = self.sink = self.syncer = None
+        self.loader = self.eval_data = self.tokenizer = None
+        self.bad_steps = 0
+
+    # --------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from maspo_megatron.megatron.actor import Actor
+        from maspo_megatron.megatron.convert import load_hf_checkpoint
+        from maspo_megatron.megatron.model import build_model
+
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.actor.temperature != cfg.rollout.temperature:
+            raise ValueError(
+                f"actor.temperature={cfg.actor.temperature} differs from rollout.temperature="
+                f"{cfg.rollout.temperature}: the trainer's log-probs must describe the sampling "
+                "distribution (set both)")
+        dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+        chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
+                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                             config_overrides=cfg.model.megatron_overrides())
+        load_hf_checkpoint(chunks, cfg.model.path)
+        self.actor = Actor(chunks, cfg.actor)
+        self.start_step = 0
+        self._setup_sync_roles(ps)
+        if self.is_driver:
+            self._setup_driver()
+        self._maybe_resume()
+        urls = [self.engine.server_urls if self.is_driver else None]
+        dist.broadcast_object_list(urls, src=0)
+        self.server_urls = urls[0]
+        self.syncer = self._make_syncer() if self.is_sender else None
+
+    def _setup_driver(self) -> None:
+        from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
+        from maspo_megatron.reward import RewardPool
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.loader = PromptLoader(PromptDataset(cfg.data.train_path, cfg.data, self.tokenizer),
+                                   shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        if cfg.eval_every and cfg.data.eval_path:
+            self.eval_data = PromptDataset(cfg.data.eval_path, cfg.data, self.tokenizer)
+        self.rewards = RewardPool.from_config(cfg.reward)
+        self.engine = RolloutEngine(cfg.rollout, cfg.model.path, self.tokenizer, self.rewards,
+                                    os.path.join(cfg.output_dir, "logs"))
+        self.sink = MetricsSink(cfg)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+
+    def _setup_sync_roles(self, ps) -> None:
+        # One sender per pipeline stage: TP rank 0 of the first data-parallel replica. Its TP
+        # peers take part in the TP all-gathers of the HF export.
+        self.in_sync = ps.get_data_parallel_rank() == 0
+        self.is_sender = self.in_sync and ps.get_tensor_model_parallel_rank() == 0
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, self.is_sender)
+        senders = [r for r, s in enumerate(flags) if s]
+        self.sender_group = dist.new_group(senders) if len(senders) > 1 else None
+
+    def _make_syncer(self):
+        from maspo_megatron.rollout.weight_sync import WeightSyncer, make_turn_barrier
+
+        cfg = self.cfg
+        if cfg.weight_sync.mode == "disk" and not cfg.weight_sync.disk_dir:
+            cfg.weight_sync.disk_dir = os.path.join(cfg.output_dir, "sync")
+        barrier = make_turn_barrier(self.sender_group, _device()) if self.pp_size > 1 else None
+        return WeightSyncer(self.server_urls, cfg.weight_sync,
+                            engine_ranks_per_server=cfg.rollout.sglang_tp if cfg.rollout.engine == "sglang" else 1,
+                            sender_index=self.pp_rank, num_senders=self.pp_size, turn_barrier=barrier)
+
+    # --------------------------------------------------------------------- checkpoints
+    def _ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.output_dir, "checkpoints")
+
+    def _maybe_resume(self) -> None:
+        from maspo_megatron.megatron.checkpoint import latest_checkpoint_step, load_checkpoint
+
+        if not self.cfg.resume or latest_checkpoint_step(self._ckpt_dir()) is None:
+            return
+        state = load_checkpoint(self._ckpt_dir(), self.actor.model, self.actor.optimizer,
+                                self.actor.scheduler)
+        self.start_step = int(state["step"])
+        extra = state.get("extra_state") or {}
+        if self.is_driver and "data_cursor" in extra:
+            self.loader.load_state_dict(extra["data_cursor"])
+        self.bad_steps = int(extra.get("bad_steps", 0))
+        if self.is_driver:
+            print(f"resumed from {self._ckpt_dir()} at step {self.start_step}", flush=True)
+
+    def save(self, step: int) -> None:
+        from maspo_megatron.megatron.checkpoint import save_checkpoint
+
+        extra = {"bad_steps": self.bad_steps}
+        if self.is_driver:
+            extra["data_cursor"] = self.loader.state_dict()
+        save_checkpoint(self._ckpt_dir(), step, self.actor.model, self.actor.optimizer,
+                        self.actor.scheduler, extra_state=extra)
+
+    # --------------------------------------------------------------------- rollouts
+    def collect(self, step: int) -> tuple[list[RolloutGroup], dict]:
+        """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit)."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        n = cfg.rollout.n_samples
+        kept: list[RolloutGroup] = []
+        seen: list[RolloutGroup] = []
+        rounds = 0
+        while len(kept) < cfg.prompts_per_step and rounds < alg.max_sampling_rounds:
+            need = cfg.prompts_per_step - len(kept)
+            prompts = self.loader.next_batch(need)
+            groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000)
+            rounds += 1
+            seen += groups
+            if alg.dynamic_sampling:
+                keep = dynamic_sampling_keep(torch.tensor([g.rewards for g in groups]))
+                kept += [g for g, k in zip(groups, keep.tolist()) if k]
+            else:
+                kept += groups
+            if not alg.dynamic_sampling:
+                break
+        info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
+                "sampling/groups_seen": len(seen)}
+        if len(kept) < cfg.prompts_per_step:
+            print(f"step {step}: dynamic sampling found {len(kept)}/{cfg.prompts_per_step} prompts whose "
+                  f"{n} responses disagree in reward after {rounds} rounds (algorithm.max_sampling_rounds); "
+                  f"training on {len(kept)} groups", flush=True)
+        return kept[: cfg.prompts_per_step], {**info, **rollout_stats(seen)}
+
+    # --------------------------------------------------------------------- one step
+    def step(self, step: int) -> dict | None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch, info = None, {}
+        if self.is_driver:
+            groups, info = self.collect(step)
+            if groups:
+                rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
+                if cfg.algorithm.overlong_penalty:
+                    lengths = torch.tensor([[len(o) for o in g.outputs] for g in groups])
+                    rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
+                adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
+                batch = build_batch(groups, adv, cfg.algorithm.use_tis, cfg.algorithm.mask_truncated)
+        have = [batch is not None and len(batch) >= self.actor.dp_size]
+        dist.broadcast_object_list(have, src=0)
+        t_rollout = time.perf_counter() - t0
+        if not have[0]:
+            if self.is_driver:
+                print(f"step {step}: no informative prompt groups; no update this step", flush=True)
+            return info if self.is_driver else None
+        batch = broadcast_batch(batch)
+        t1 = time.perf_counter()
+        batch.old_logprobs, entropy = self.actor.compute_logprobs(batch, entropy=True)
+        t_logprob = time.perf_counter() - t1
+        train = self.actor.train_step(batch)
+        t2 = time.perf_counter()
+        if train["skipped_steps"] > 0:
+            self.bad_steps += 1
+        else:
+            self.bad_steps = 0
+        sync = self._sync(step + 1)
+        t3 = time.perf_counter()
+        if not self.is_driver:
+            return None
+        mask = batch.response_mask
+        gap = (batch.old_logprobs - batch.rollout_logprobs)[mask] if batch.rollout_logprobs is not None else None
+        metrics = {
+            **info,
+            **{f"actor/{k}": v for k, v in train.items()},
+            "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
+            "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
+            "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
+            "sync/gbps": sync,
+        }
+        if gap is not None:
+            metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
+        return metrics
+
+    def _sync(self, version: int) -> float:
+        from maspo_megatron.megatron.convert import export_hf
+
+        gbps = [0.0]
+        if self.in_sync:
+            named = export_hf(self.actor.model)
+            if self.is_sender:
+                gbps[0] = self.syncer.sync(named, version).gbps
+            else:
+                for _ in named:  # TP peers: join the export's all-gathers
+                    pass
+        dist.broadcast_object_list(gbps, src=0)
+        return gbps[0]
+
+    def evaluate(self, step: int) -> dict:
+        prompts = [self.eval_data[i] for i in range(min(self.cfg.eval_prompts, len(self.eval_data)))]
+        return self.engine.evaluate(prompts, self.cfg.eval_samples, seed_base=10**9 + step * 100_000)
+
+    # --------------------------------------------------------------------- run
+    def run(self) -> None:
+        cfg = self.cfg
+        # The servers start from the HF checkpoint; after a resume they need the trained weights.
+        if self.start_step > 0:
+            self._sync(self.start_step)
+        elif self.is_driver and cfg.eval_every and self.eval_data is not None:
+            self.sink.log(0, self.evaluate(0))  # the starting policy, for the learning curve
+        t_start = time.perf_counter()
+        try:
+            for step in range(self.start_step, cfg.steps):
+                metrics = self.step(step)
+                done = step + 1
+                if self.is_driver and cfg.eval_every and self.eval_data is not None and done % cfg.eval_every == 0:
+                    metrics.update(self.evaluate(done))
+                if self.is_driver:
+                    self.sink.log(done, metrics)
+                    _console(done - self.start_step, cfg.steps - self.start_step, metrics,
+                             time.perf_counter() - t_start)
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{self.bad_steps} consecutive steps had a non-finite loss and were "
+                                       f"skipped (max_bad_steps={cfg.max_bad_steps}); stopping at step {done}")
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    self.save(done)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.syncer is not None:
+            try:
+                self.syncer.close()
+            except Exception:  # noqa: BLE001 - shutting down; the servers go next
+                logger.exception("closing the weight-update group failed")
+        if self.is_driver:
+            for thing in (self.rewards, self.engine, self.sink):
+                if thing is not None:
+                    thing.close()
+
+
+def train(cfg: TrainerConfig) -> None:
+    """Entry point on every rank (under torchrun)."""
+    from maspo_megatron.runtime import destroy_parallel, initialize_parallel
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    initialize_parallel(cfg.parallel)
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.run()
+    finally:
+        destroy_parallel()
