@@ -87,12 +87,15 @@ class _Retryable(Exception):
 
 class RolloutClient:
     def __init__(self, urls: Sequence[str], config: RolloutClientConfig | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, expected_weight_version: str | None = None):
         if not urls:
             raise ValueError("RolloutClient needs at least one server or router URL")
         self.urls = [u.rstrip("/") for u in urls]
         self.config = config or RolloutClientConfig()
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # When set, a sample from a server with other weights (e.g. restarted from the initial
+        # checkpoint and not yet re-synced) is discarded and re-sent elsewhere.
+        self.expected_weight_version = expected_weight_version
         self._lock = threading.Lock()  # mark_down/up come from the server-watch thread
         self._down_until: dict[str, float] = {}
         self._inflight = {u: 0 for u in self.urls}
@@ -159,6 +162,10 @@ class RolloutClient:
                 if out.finish_reason == "abort":
                     raise _Retryable(f"{url} aborted the request: "
                                      f"{out.finish_detail.get('message', out.finish_detail)}")
+                expected = self.expected_weight_version
+                if expected is not None and out.weight_version != expected:
+                    raise _Retryable(f"{url} serves weight_version {out.weight_version!r}, expected "
+                                     f"{expected!r} (restarted and not re-synced?)", server_down=True)
             except _Retryable as e:
                 if e.server_down:
                     self.mark_down(url, cfg.down_cooldown_s)

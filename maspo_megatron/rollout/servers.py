@@ -267,6 +267,10 @@ class RouterManager(ServerManager):
                  extra_args: Sequence[str] = (), **kw):
         # The router's /health answers before workers register; this one needs a healthy worker.
         kw.setdefault("health_path", "/health_generate")
+        # Its Prometheus exporter binds a fixed port (29000) unless told otherwise, which
+        # collides between routers on one host.
+        if "--prometheus-port" not in extra_args:
+            extra_args = [*extra_args, "--prometheus-port", str(free_port(host))]
         super().__init__(
             lambda p: router_command(worker_urls, p, host=host, policy=policy, api_key=api_key,
                                      extra_args=extra_args),

@@ -22,7 +22,7 @@ raises :class:`WeightSyncError`, and a later ``sync`` resends everything.
 
 Pipeline parallelism: each pipeline stage's sender (one rank per stage that holds that stage's
 full HF-named tensors) makes its own ``WeightSyncer`` with ``sender_index = stage`` and
-``num_senders = PP``, and its own group (``<group_name>_s<index>``) in which it is rank 0 — SGLang
+``num_senders = PP``, and its own group (``<group_name>_s<index>_<random>``) in which it is rank 0 — SGLang
 receivers always broadcast from rank 0. Stages take turns (``turn_barrier``) because a server
 serves one weight-update call at a time: two senders reaching servers in different orders would
 deadlock their collectives. No stage ever holds another stage's layers.
@@ -35,6 +35,7 @@ collectives (group timeout), so a server that dies during a sync gives an error 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,8 +44,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -231,27 +233,30 @@ class WeightSyncer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
             else torch.device("cpu")
         self.group = None
-        self.group_name = f"{self.config.group_name}_s{sender_index}"
+        self.group_name = ""  # set by connect()
 
     # ------------------------------------------------------------------ helpers
     def _post_all(self, path: str, payload: dict | None, timeout_s: float, what: str) -> list:
         futs = [_spawn(post_json, u, path, payload, timeout_s, self.api_key, what) for u in self.urls]
-        return self._wait(futs, timeout_s + 5.0, what)
+        return self._wait(futs, self.urls, timeout_s + 5.0, what)
 
-    def _wait(self, futs: list[Future], timeout_s: float, what: str) -> list:
-        deadline = time.monotonic() + timeout_s
-        results = []
-        for fut in futs:
-            try:
-                results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
-            except TimeoutError as e:
-                raise WeightSyncError(f"{what}: no answer within {timeout_s:.0f}s from the servers "
-                                      f"{self.urls} (a server died or hangs?)") from e
-            except WeightSyncError:
-                raise
-            except Exception as e:  # collective errors: peer gone, group timeout
-                raise WeightSyncError(f"{what}: {type(e).__name__}: {e}") from e
-        return results
+    def _wait(self, futs: list[Future], labels: list[str], timeout_s: float, what: str) -> list:
+        """Results in order; on the first failure raises, preferring a server's own message over
+        the collective error it causes on the trainer side."""
+        done, pending = wait(futs, timeout=timeout_s, return_when=FIRST_EXCEPTION)
+        failed = [(f, lab) for f, lab in zip(futs, labels) if f in done and f.exception() is not None]
+        failed.sort(key=lambda fl: not isinstance(fl[0].exception(), WeightSyncError))
+        if failed:
+            fut, label = failed[0]
+            e = fut.exception()
+            if isinstance(e, WeightSyncError):
+                raise e
+            raise WeightSyncError(f"{what}: {label}: {type(e).__name__}: {e}") from e
+        if pending:
+            waiting = [lab for f, lab in zip(futs, labels) if f in pending]
+            raise WeightSyncError(f"{what}: no answer within {timeout_s:.0f}s from {waiting} "
+                                  "(a server died or hangs?)")
+        return [f.result() for f in futs]
 
     def _step(self, ok: bool, fn: Callable[[], None] | None, errors: list) -> bool:
         """Runs fn if everything so far is ok, then agrees with the other senders."""
@@ -280,6 +285,9 @@ class WeightSyncer:
     def _connect(self) -> None:
         cfg = self.config
         port = cfg.master_port + self.sender_index if cfg.master_port else free_port()
+        # Group names must be unique per process on both ends; a fresh one per connection also
+        # keeps a reconnect after a failed sync clear of the broken group.
+        self.group_name = f"{cfg.group_name}_s{self.sender_index}_{uuid.uuid4().hex[:8]}"
         world = 1 + sum(self.engine_ranks)
         offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.urls))]
         futs = [_spawn(post_json, url, "/init_weights_update_group", {
@@ -287,10 +295,12 @@ class WeightSyncer:
             "world_size": world, "group_name": self.group_name, "backend": self.backend,
         }, cfg.init_timeout_s, self.api_key, "init_weights_update_group")
             for url, off in zip(self.urls, offsets)]
-        group = _spawn(init_weight_update_group, backend=self.backend,
-                       master_address=cfg.master_address, master_port=port, rank=0,
-                       world_size=world, group_name=self.group_name, timeout_s=cfg.timeout_s)
-        self.group = self._wait([group] + futs, cfg.init_timeout_s + 5.0,
+        group = _spawn(functools.partial(
+            init_weight_update_group, backend=self.backend, master_address=cfg.master_address,
+            master_port=port, rank=0, world_size=world, group_name=self.group_name,
+            timeout_s=cfg.timeout_s))
+        self.group = self._wait([group] + futs, ["trainer rank 0"] + self.urls,
+                                cfg.init_timeout_s + 5.0,
                                 f"creating weight-update group {self.group_name!r}")[0]
         logger.info("weight-update group %s: world %d, port %d", self.group_name, world, port)
 
@@ -371,7 +381,8 @@ class WeightSyncer:
             futs = [_spawn(post_json, u, "/update_weights_from_distributed", payload,
                            cfg.timeout_s, self.api_key, what) for u in self.urls]
             futs.append(_spawn(dist.broadcast, flat, 0, self.group))
-            self._wait(futs, cfg.timeout_s + 5.0, f"update_weights_from_distributed, {what}")
+            self._wait(futs, self.urls + ["broadcast"], cfg.timeout_s + 5.0,
+                       f"update_weights_from_distributed, {what}")
             stats.bytes += flat.numel()
             stats.tensors += len(metas)
             stats.buckets += 1
