@@ -59,7 +59,7 @@ class _CountingCheckpoint(HFCheckpoint):
 
 @pytest.mark.parametrize(("kind", "tp", "groups"), [
     (ShardKind.QKV, 2, 2), (ShardKind.QKV, 4, 4), (ShardKind.QKV, 2, 1),
-    (ShardKind.GATE_UP, 2, 2), (ShardKind.ROW, 3, 2), (ShardKind.VOCAB, 4, 2),
+    (ShardKind.GATE_UP, 2, 2), (ShardKind.COLUMN, 3, 2), (ShardKind.ROW, 3, 2), (ShardKind.VOCAB, 4, 2),
 ])
 def test_sliced_import_reads_only_this_ranks_rows(tmp_path, kind, tp, groups):
     """Each TP rank's shard equals the slice of the full fused tensor, and together the ranks
@@ -74,6 +74,7 @@ def test_sliced_import_reads_only_this_ranks_rows(tmp_path, kind, tp, groups):
     names, full = {
         ShardKind.QKV: (("q", "k", "v"), convert._fuse_qkv(hf["q"], hf["k"], hf["v"], arch)),
         ShardKind.GATE_UP: (("gate", "up"), None),
+        ShardKind.COLUMN: (("gate",), hf["gate"]),
         ShardKind.ROW: (("o",), hf["o"]),
         ShardKind.VOCAB: (("emb",), torch.cat([hf["emb"], torch.zeros(padded - v, h)])),
     }[kind]
@@ -83,7 +84,7 @@ def test_sliced_import_reads_only_this_ranks_rows(tmp_path, kind, tp, groups):
     with _CountingCheckpoint(tmp_path) as ckpt:
         for rank in range(tp):
             shape = {ShardKind.QKV: (full.shape[0] // tp, h) if full is not None else None,
-                     ShardKind.GATE_UP: (2 * f // tp, h), ShardKind.ROW: (h, 6 // tp),
+                     ShardKind.GATE_UP: (2 * f // tp, h), ShardKind.COLUMN: (f // tp, h), ShardKind.ROW: (h, 6 // tp),
                      ShardKind.VOCAB: (padded // tp, h)}[kind]
             param = torch.empty(shape)
             shards.append(convert._read_shard(ckpt, convert._Bound("p", param, rule, names), spec, rank, tp))

@@ -271,3 +271,41 @@ def test_unsupported_config_feature_is_named(change, key):
     config = LlamaConfig(**{**_COMMON, **change}, architectures=["LlamaForCausalLM"])
     with pytest.raises(UnsupportedArchitectureError, match=key):
         build_model(config, None)
+
+
+def _gpu_worker(rank, world_size, ckpts: dict, ids: torch.Tensor, out_root: str):
+    import os
+
+    from maspo_megatron.megatron.convert import load_hf_checkpoint, save_hf
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig()
+    initialize_parallel(parallel)
+    logprobs = {}
+    for name, path in ckpts.items():
+        chunks = build_model(path, parallel, dtype=torch.float32)
+        assert next(chunks[0].parameters()).is_cuda
+        load_hf_checkpoint(chunks, path)
+        with torch.no_grad():
+            logprobs[name] = megatron_logprobs(chunks, ids.cuda(), VOCAB).cpu()
+        save_hf(chunks, os.path.join(out_root, name))
+    destroy_parallel()
+    return logprobs
+
+
+@pytest.mark.gpu
+def test_parity_and_round_trip_on_gpu(tmp_path):
+    """The CUDA path (NCCL, parameters on the GPU; TE spec when TE is installed) at TP=1."""
+    ckpts, refs = {}, {}
+    torch.manual_seed(100)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    for i, (name, config) in enumerate(tiny_configs().items()):
+        ckpts[name] = str(tmp_path / name)
+        refs[name] = hf_logprobs(make_checkpoint(config, tmp_path / name, seed=i), ids)
+    [logprobs] = run_distributed(_gpu_worker, 1, ckpts, ids, str(tmp_path / "out"))
+    for name, ref in refs.items():
+        err = (logprobs[name] - ref).abs().max().item()
+        assert err < 1e-4, f"{name}: max |logp - logp_hf| = {err:.2e}"
+        original, exported = _hf_tensors(ckpts[name]), _hf_tensors(tmp_path / "out" / name)
+        assert exported.keys() == original.keys()
+        assert all(torch.equal(exported[k], t) for k, t in original.items()), name
