@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -490,6 +491,11 @@ def train(cfg: TrainerConfig) -> None:
     from maspo_megatron.runtime import destroy_parallel, initialize_parallel
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Upstream deprecation notices that say nothing about this run (megatron-core 0.19, torch 2.14).
+    for pattern in ("MimoModelConfig is experimental", "full scope is deprecated",
+                    r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
     initialize_parallel(cfg.parallel)
     trainer = Trainer(cfg)
     try:

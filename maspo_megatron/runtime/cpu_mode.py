@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -128,6 +129,14 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _quiet_cpu_warnings() -> None:
+    # megatron-core warns about GPU-only fusions (TE, Apex, CUDA_DEVICE_MAX_CONNECTIONS) that
+    # cannot exist on CPU; on every rank and every step they would bury the training output.
+    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "When using async grad allreduce", "The .grad attribute of a Tensor that is not a leaf"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def cpu_mode_enabled() -> bool:
     return _ENABLED
 
@@ -149,6 +158,7 @@ def enable_cpu_mode() -> None:
             )
         _patch_torch_cuda()
         _patch_megatron_rng()
+        _quiet_cpu_warnings()
         # Entered for the life of the process; torch keeps the mode stack per thread, so
         # megatron's helper threads would need their own (none are used on CPU).
         _CudaToCpuMode().__enter__()
