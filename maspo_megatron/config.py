@@ -34,14 +34,13 @@ def _parse(key: str, text: str, tp: Any) -> Any:
         options = typing.get_args(tp)
         if type(None) in options and text.lower() in ("none", "null"):
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _parse(key, text, option)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
@@ -102,10 +101,9 @@ def set_by_path(cfg: Any, key: str, text: str) -> None:
             raise ConfigError(f"unknown config key {key!r}: {prefix or 'the config'} has no field "
                               f"{name!r} (valid: {valid})")
         if depth == len(parts) - 1:
-            tp = types_[name]
-            value = _parse(key, text, tp)
-            if dataclasses.is_dataclass(getattr(obj, name)) and not isinstance(value, type(getattr(obj, name))):
+            if dataclasses.is_dataclass(getattr(obj, name)):
                 raise ConfigError(f"{key} is a config section; set its fields ({key}.FIELD=VALUE)")
+            value = _parse(key, text, types_[name])
             object.__setattr__(obj, name, value)  # frozen dataclasses too: overrides precede use
         else:
             child = getattr(obj, name)

@@ -63,8 +63,10 @@ def summarize(metrics: list[dict], window: int = 5) -> tuple[float, float]:
 
 
 def run_demo(output_dir: str, overrides: list[str], seed: int = 0) -> int:
-    from maspo_megatron.cli import main as cli_main
+    from maspo_megatron.cli import load_recipe, main as cli_main
+    from maspo_megatron.config import apply_overrides
 
+    apply_overrides(load_recipe("tiny_cpu"), overrides)  # a bad key fails before any file is written
     run_dir = os.path.join(output_dir, "run")
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # a demo always starts from scratch
