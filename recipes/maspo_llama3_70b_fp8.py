@@ -1,0 +1,44 @@
+"""MASPO on a Llama-3.x 70B model with FP8 training through Transformer Engine, math RL.
+
+Beyond the paper: MASPO was evaluated at 1.5B/7B/14B only; this recipe applies the same
+hyper-parameters (``recipes/_maspo_math.py``: [M] MASPO, [D] DAPO, [R] ours) at 70B. DAPO's own
+values come from its 32B run, the closest published scale.
+
+Model: a Llama-3.1/3.3 70B checkpoint (``LlamaForCausalLM``, 128k context). Llama-3.0 has an
+8k context, shorter than the 2048 + 20480 tokens used here: lower ``rollout.max_new_tokens``,
+``algorithm.overlong.*`` and ``actor.micro_batch_tokens`` for it.
+
+Precision [R]: ``fp8="hybrid"`` (e4m3 forward, e5m2 gradients) with TE's ``blockwise`` scaling
+(Hopper, per-block scales; no amax history to go stale between RL steps). Needs the NGC
+PyTorch/NeMo container (TE); on CPU the trainer refuses ``model.fp8`` with a clear error.
+Rollouts stay bf16: the weights sent to SGLang are the bf16 parameters (FP8 is only compute).
+
+Layout [R], for 8x H100 80GB nodes:
+- training: 8 nodes, TP8 x PP4 (one pipeline stage per node, DP=2), sequence parallelism and
+  full recompute. 80 layers / 4 stages = 20 layers per stage; TP8 (8 KV heads) keeps the TP
+  all-reduces on NVLink. 4 nodes (DP=1) also validate.
+- rollouts: 2 nodes, 4 SGLang servers at TP4 (35 GB of bf16 weights per GPU).
+
+    python -m launch.slurm --recipe maspo_llama3_70b_fp8 --train-nodes 8 --rollout-nodes 2 ... \
+        model.path=/models/Llama-3.3-70B-Instruct data.train_path=/data/train.parquet
+"""
+
+import runpy
+from pathlib import Path
+
+from maspo_megatron.runtime import ParallelConfig
+from maspo_megatron.trainer import ModelConfig, TrainerConfig
+
+TRAIN_NODES, ROLLOUT_NODES, GPUS_PER_NODE = 8, 2, 8  # intended layout (tests check it)
+
+
+def build() -> TrainerConfig:
+    common = runpy.run_path(str(Path(__file__).with_name("_maspo_math.py")))
+    return common["maspo_math_config"](
+        model=ModelConfig(dtype="bf16", fp8="hybrid", fp8_recipe="blockwise",
+                          sequence_parallel=True, recompute_granularity="full"),
+        parallel=ParallelConfig(tp=8, pp=4),
+        sglang_tp=4,
+        output_dir="outputs/maspo_llama3_70b_fp8",
+        steps=200,
+    )
