@@ -97,8 +97,10 @@ class AlgorithmConfig:
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     mask_truncated: bool = False
     """Drop the loss on responses cut at max_new_tokens."""
-    use_tis: bool = False
-    """Truncated importance sampling with the rollout engine's log-probs (``actor.tis_cap``)."""
+
+    def __post_init__(self):
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"algorithm.max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
 
 
 @dataclass
@@ -134,6 +136,8 @@ class TrainerConfig:
     def __post_init__(self):
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError("steps and prompts_per_step must be >= 1")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -191,8 +195,7 @@ def _console(step: int, total: int, m: dict, elapsed: float) -> None:
 # ----------------------------------------------------------------------------- batches
 
 
-def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, with_rollout_logprobs: bool,
-                mask_truncated: bool) -> SequenceBatch:
+def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_truncated: bool) -> SequenceBatch:
     """Right-padded prompt+response ids with per-token response masks and advantages."""
     rows = [(g.prompt_ids, out, lp, fin) for g in groups
             for out, lp, fin in zip(g.outputs, g.logprobs, g.finish)]
@@ -212,7 +215,7 @@ def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, with_rollo
     return SequenceBatch(
         input_ids=ids, lengths=lengths, response_mask=mask,
         advantages=advantages.reshape(-1).float(),
-        rollout_logprobs=rollout_lp if with_rollout_logprobs else None,
+        rollout_logprobs=rollout_lp,
     )
 
 
@@ -273,6 +276,14 @@ class Trainer:
                              config_overrides=cfg.model.megatron_overrides())
         load_hf_checkpoint(chunks, cfg.model.path)
         self.actor = Actor(chunks, cfg.actor)
+        self.ref = None
+        if cfg.actor.kl_coef > 0:
+            # The frozen starting policy, for the KL penalty; same layout as the actor.
+            ref_chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
+                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                                     config_overrides=cfg.model.megatron_overrides())
+            load_hf_checkpoint(ref_chunks, cfg.model.path)
+            self.ref = Actor(ref_chunks, cfg.actor, trainable=False)
         self.start_step = 0
         self._setup_sync_roles(ps)
         if self.is_driver:
@@ -353,7 +364,11 @@ class Trainer:
 
     # --------------------------------------------------------------------- rollouts
     def collect(self, step: int) -> tuple[list[RolloutGroup], dict]:
-        """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit)."""
+        """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit).
+
+        Appends the dataset indices of every prompt drawn for the step, and of those trained on,
+        to ``output_dir/prompts.jsonl`` (after a resume, a step's later record supersedes).
+        """
         cfg, alg = self.cfg, self.cfg.algorithm
         n = cfg.rollout.n_samples
         kept: list[RolloutGroup] = []
@@ -375,10 +390,14 @@ class Trainer:
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
                 "sampling/groups_seen": len(seen)}
         if len(kept) < cfg.prompts_per_step:
-            print(f"step {step}: dynamic sampling found {len(kept)}/{cfg.prompts_per_step} prompts whose "
+            print(f"step {step + 1}: dynamic sampling found {len(kept)}/{cfg.prompts_per_step} prompts whose "
                   f"{n} responses disagree in reward after {rounds} rounds (algorithm.max_sampling_rounds); "
                   f"training on {len(kept)} groups", flush=True)
-        return kept[: cfg.prompts_per_step], {**info, **rollout_stats(seen)}
+        kept = kept[: cfg.prompts_per_step]
+        with open(os.path.join(cfg.output_dir, "prompts.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step + 1, "drawn": [g.prompt_index for g in seen],
+                                "trained": [g.prompt_index for g in kept]}) + "\n")
+        return kept, {**info, **rollout_stats(seen)}
 
     # --------------------------------------------------------------------- one step
     def step(self, step: int) -> dict | None:
@@ -393,22 +412,29 @@ class Trainer:
                     lengths = torch.tensor([[len(o) for o in g.outputs] for g in groups])
                     rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
                 adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
-                batch = build_batch(groups, adv, cfg.algorithm.use_tis, cfg.algorithm.mask_truncated)
+                batch = build_batch(groups, adv, cfg.algorithm.mask_truncated)
         have = [batch is not None and len(batch) >= self.actor.dp_size]
         dist.broadcast_object_list(have, src=0)
         t_rollout = time.perf_counter() - t0
         if not have[0]:
             if self.is_driver:
-                print(f"step {step}: no informative prompt groups; no update this step", flush=True)
+                print(f"step {step + 1}: no informative prompt groups; no update this step", flush=True)
             return info if self.is_driver else None
         batch = broadcast_batch(batch)
         t1 = time.perf_counter()
         batch.old_logprobs, entropy = self.actor.compute_logprobs(batch, entropy=True)
+        if self.ref is not None:
+            batch.ref_logprobs, _ = self.ref.compute_logprobs(batch)
         t_logprob = time.perf_counter() - t1
         train = self.actor.train_step(batch)
         t2 = time.perf_counter()
         if train["skipped_steps"] > 0:
             self.bad_steps += 1
+            if self.is_driver:
+                print(f"step {step + 1}: non-finite loss in {train['skipped_steps']:.0f} of "
+                      f"{cfg.actor.num_mini_batches} mini-batches, their optimizer steps skipped "
+                      f"({self.bad_steps} consecutive bad steps; max_bad_steps={cfg.max_bad_steps})",
+                      flush=True)
         else:
             self.bad_steps = 0
         sync = self._sync(step + 1)
