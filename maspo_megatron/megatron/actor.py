@@ -103,7 +103,8 @@ class ActorConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL estimate to a reference policy (needs ``ref_logprobs`` in the batch)."""
     tis_cap: float | None = None
-    """Truncated importance-sampling cap; applied when the batch has ``rollout_logprobs``."""
+    """Truncated importance sampling against the rollout engine's log-probs, capped at this
+    weight (2.0 is the usual choice); None disables it."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self):
@@ -369,8 +370,8 @@ class Actor:
             adv = adv[:, None].expand_as(lp)
         loss_tok, metrics = policy_loss(
             cfg.loss, cfg.loss_config, lp, m["old_logprobs"], adv, mask,
-            rollout_logprobs=m.get("rollout_logprobs"),
-            tis_cap=cfg.tis_cap if "rollout_logprobs" in m else None,
+            rollout_logprobs=m.get("rollout_logprobs") if cfg.tis_cap is not None else None,
+            tis_cap=cfg.tis_cap,
         )
         if cfg.kl_coef > 0:
             kl = _k3_kl(m["ref_logprobs"], lp)
