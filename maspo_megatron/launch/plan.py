@@ -1,0 +1,127 @@
+"""A launch plan: the recipe's config checked against the GPUs it will get, before submission.
+
+Everything a user can get wrong on the command line fails here with a message that names the
+flag or config key, instead of minutes later on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from maspo_megatron.cli import load_recipe
+from maspo_megatron.config import ConfigError, apply_overrides
+
+LAUNCHER_KEYS = ("rollout.server_urls", "rollout.router_url", "weight_sync.master_address")
+"""Config keys the launcher derives from the job's hostnames; users must not set them."""
+
+
+class LaunchError(ConfigError):
+    """A launch that cannot work as asked; the message names the flag or config key."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    server: int = 30000
+    """First SGLang server port on each rollout node (server i listens on ``server + i``)."""
+    router: int = 30100
+    """sglang-router port on the first rollout node."""
+    master: int = 29500
+    """torchrun master port on the first training node."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    recipe: str
+    overrides: tuple[str, ...]
+    model_path: str
+    output_dir: str
+    train_nodes: int
+    train_gpus_per_node: int
+    rollout_nodes: int
+    rollout_gpus_per_node: int
+    sglang_tp: int
+    mem_fraction_static: float | None
+    startup_timeout_s: float
+    ports: Ports
+
+    @property
+    def servers_per_node(self) -> int:
+        return self.rollout_gpus_per_node // self.sglang_tp
+
+
+def require_positive(flag: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LaunchError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_nodes: int,
+              train_gpus_per_node: int, rollout_nodes: int, rollout_gpus_per_node: int,
+              ports: Ports = Ports()) -> LaunchPlan:
+    """Loads ``recipe`` with ``overrides`` and checks it fits the nodes; raises LaunchError.
+
+    A recipe that is not implemented (e.g. the MoE one) raises its NotImplementedError.
+    """
+    require_positive("--train-nodes", train_nodes)
+    require_positive("train GPUs per node", train_gpus_per_node)
+    require_positive("--rollout-nodes", rollout_nodes)
+    require_positive("rollout GPUs per node", rollout_gpus_per_node)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in LAUNCHER_KEYS:
+            raise LaunchError(f"{key} is set by the launcher from the job's hostnames; remove "
+                              f"{item!r} from the overrides")
+    cfg = apply_overrides(load_recipe(recipe), list(overrides))
+    if not cfg.model.path:
+        raise LaunchError(f"recipe {recipe}: model.path is empty; pass model.path=/path/to/hf_model "
+                          "(a directory the job's nodes can read)")
+    if not cfg.data.train_path:
+        raise LaunchError(f"recipe {recipe}: data.train_path is empty; pass "
+                          "data.train_path=/path/to/train.parquet (or .jsonl)")
+    world = train_nodes * train_gpus_per_node
+    try:
+        cfg.parallel.validate(world)
+    except ValueError as e:
+        raise LaunchError(f"recipe {recipe}: its parallel layout does not fit {train_nodes} training "
+                          f"node(s) x {train_gpus_per_node} GPUs = {world} ranks: {e}") from None
+    if cfg.rollout.engine != "sglang":
+        raise LaunchError(f"recipe {recipe}: rollout.engine={cfg.rollout.engine!r}; the launchers start "
+                          "SGLang servers (rollout.engine=sglang)")
+    tp = cfg.rollout.sglang_tp
+    if tp < 1 or rollout_gpus_per_node % tp:
+        raise LaunchError(f"rollout.sglang_tp={tp} must divide the {rollout_gpus_per_node} rollout GPUs "
+                          "per node (servers do not span nodes)")
+    if cfg.weight_sync.mode == "colocated":
+        raise LaunchError("weight_sync.mode=colocated needs trainer and servers on the same GPUs; these "
+                          "launchers give them separate GPUs (use distributed or disk)")
+    server_ports = range(ports.server, ports.server + rollout_gpus_per_node // tp)
+    if ports.router in server_ports or ports.master in server_ports or ports.router == ports.master:
+        raise LaunchError(f"ports collide: servers use {server_ports.start}-{server_ports.stop - 1}, "
+                          f"router {ports.router}, torchrun master {ports.master}")
+    return LaunchPlan(
+        recipe=recipe, overrides=tuple(overrides), model_path=cfg.model.path,
+        output_dir=cfg.output_dir, train_nodes=train_nodes, train_gpus_per_node=train_gpus_per_node,
+        rollout_nodes=rollout_nodes, rollout_gpus_per_node=rollout_gpus_per_node, sglang_tp=tp,
+        mem_fraction_static=cfg.rollout.mem_fraction_static,
+        startup_timeout_s=cfg.rollout.startup_timeout_s, ports=ports,
+    )
+
+
+def rollout_args(plan: LaunchPlan, extra: list[str] = ()) -> list[str]:
+    """Arguments of ``maspo_megatron.launch.node rollout`` for this plan; ``extra`` node options
+    (e.g. ``--rollout-hosts``) are added, else hosts come from the environment."""
+    args = ["rollout", "--model-path", plan.model_path, "--num-gpus", str(plan.rollout_gpus_per_node),
+            "--sglang-tp", str(plan.sglang_tp), "--server-port", str(plan.ports.server),
+            "--router-port", str(plan.ports.router), "--startup-timeout", str(plan.startup_timeout_s),
+            "--log-dir", f"{plan.output_dir}/rollout_logs"]
+    if plan.mem_fraction_static is not None:
+        args += ["--mem-fraction-static", str(plan.mem_fraction_static)]
+    return args + list(extra)
+
+
+def train_args(plan: LaunchPlan, extra: list[str] = ()) -> list[str]:
+    """Arguments of ``maspo_megatron.launch.node train`` for this plan; ``extra`` node options are
+    added before the config overrides."""
+    return ["train", "--recipe", plan.recipe, "--nproc-per-node", str(plan.train_gpus_per_node),
+            "--servers-per-node", str(plan.servers_per_node), "--server-port", str(plan.ports.server),
+            "--router-port", str(plan.ports.router), "--master-port", str(plan.ports.master),
+            "--startup-timeout", str(plan.startup_timeout_s), *extra, "--", *plan.overrides]

@@ -1,0 +1,83 @@
+"""The production recipes: each builds, fits its intended GPUs, and keeps MASPO's settings."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from maspo_megatron.cli import RECIPES_DIR, list_recipes, load_recipe
+from maspo_megatron.config import revalidate
+from maspo_megatron.trainer import TrainerConfig
+
+DENSE = ["maspo_r1_distill_1_5b", "maspo_r1_distill_7b", "maspo_r1_distill_14b", "maspo_llama3_70b_fp8"]
+MOE = "maspo_qwen3_30b_a3b_moe"
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"test_recipe_{name}", RECIPES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recipe_is_covered():
+    # A new recipe file must be added to these tests, not slip past them.
+    assert set(list_recipes()) == {"tiny_cpu", MOE, *DENSE}
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_recipe_builds_and_fits_its_gpus(name):
+    cfg = load_recipe(name)
+    assert isinstance(cfg, TrainerConfig)
+    revalidate(cfg)
+    module = _module(name)
+    dp = cfg.parallel.validate(module.TRAIN_NODES * module.GPUS_PER_NODE)
+    assert dp >= 1
+    assert module.GPUS_PER_NODE % cfg.rollout.sglang_tp == 0
+    # The trainer refuses to start when these differ (its log-probs describe the sampler).
+    assert cfg.actor.temperature == cfg.rollout.temperature
+    # Paths come from the user; the launchers refuse empty ones.
+    assert cfg.model.path == "" and cfg.data.train_path == ""
+    # One prompt+response always fits a micro-batch, and the overlong penalty ends where
+    # generation stops.
+    assert cfg.actor.micro_batch_tokens >= cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    assert cfg.algorithm.overlong.max_response_length == cfg.rollout.max_new_tokens
+    assert cfg.prompts_per_step % cfg.actor.num_mini_batches == 0
+    if cfg.model.sequence_parallel:
+        assert cfg.parallel.tp > 1
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_recipe_uses_the_papers_maspo_settings(name):
+    cfg = load_recipe(name)
+    assert cfg.actor.loss == "maspo"
+    # The official code's defaults (README "Default recommendation" / actor.yaml), written out.
+    assert dataclasses.asdict(cfg.actor.losses.maspo) == {
+        **dataclasses.asdict(cfg.actor.losses.maspo),
+        "sigma_base": 1.0, "alpha": 0.3, "sigma_high": 10.0, "adv_low": 0.1, "adv_high": 10.0,
+        "beta_pos": 0.03, "beta_neg": 0.03,
+    }
+    assert cfg.actor.optimizer.lr == 1e-6
+    assert cfg.actor.kl_coef == 0.0 and cfg.actor.entropy_coef == 0.0
+    assert cfg.algorithm.advantage.estimator == "grpo"
+    assert cfg.eval_samples == 32
+
+
+def test_layouts_are_checked_against_the_gpu_count():
+    # The check above is not vacuous: the 70B layout (TP8 x PP4) needs at least 4 nodes.
+    cfg = load_recipe("maspo_llama3_70b_fp8")
+    with pytest.raises(ValueError, match="not divisible"):
+        cfg.parallel.validate(8)
+    assert cfg.model.fp8 == "hybrid" and cfg.model.fp8_recipe == "blockwise"
+
+
+def test_moe_recipe_fails_at_build_with_the_converters_error():
+    with pytest.raises(NotImplementedError, match="Qwen3MoeForCausalLM"):
+        load_recipe(MOE)
+
+
+def test_sources_are_documented():
+    common = (RECIPES_DIR / "_maspo_math.py").read_text()
+    assert "2602.17550" in common and "run_dapo_qwen2.5_32b.sh" in common and "NOT FOUND" in common
+    for name in DENSE:
+        assert "_maspo_math.py" in (RECIPES_DIR / f"{name}.py").read_text()
