@@ -96,6 +96,9 @@ class ActorConfig:
     """Token budget of a micro-batch (sequences x padded length); one long sequence may exceed it."""
     fused_logprobs: bool = False
     """Compute log-probs from hidden states and the output weight, never materialising logits."""
+    pack_sequences: bool | None = None
+    """Pack each micro-batch's sequences without padding (THD + cu_seqlens). Needs Transformer
+    Engine's attention; None packs exactly when the model uses the TE layer spec."""
     logprob_chunk_tokens: int | None = None
     """Tokens per chunk in the log-prob op (bounds its extra memory); None: one pass."""
     entropy_coef: float = 0.0
@@ -176,20 +179,72 @@ def deal_to_dp_ranks(lengths: torch.Tensor, dp_size: int) -> list[torch.Tensor]:
     return [order[r::dp_size] for r in range(dp_size)]
 
 
-def pack_micro_batches(index: torch.Tensor, lengths: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
-    """Greedy packing of rows ``index`` (longest first) into micro-batches of padded size <= budget."""
+def pack_micro_batches(index: torch.Tensor, lengths: torch.Tensor, token_budget: int,
+                       padded: bool = True) -> list[torch.Tensor]:
+    """Greedy packing of rows ``index`` (longest first) into micro-batches within a token budget.
+
+    ``padded``: a micro-batch costs rows x its longest row (right padding); otherwise the sum of
+    its lengths (packed THD sequences).
+    """
     index = index[torch.argsort(lengths[index], descending=True, stable=True)]
-    micro, current = [], []
+    micro, current, used = [], [], 0
     for i in index.tolist():
         # Rows are sorted by length, so the first row of a micro-batch sets its padded length.
-        padded = int(lengths[current[0] if current else i])
-        if current and padded * (len(current) + 1) > token_budget:
+        cost = int(lengths[current[0] if current else i]) * (len(current) + 1) if padded \
+            else used + int(lengths[i])
+        if current and cost > token_budget:
             micro.append(torch.tensor(current))
-            current = []
+            current, used = [], 0
         current.append(i)
+        used += int(lengths[i])
     if current:
         micro.append(torch.tensor(current))
     return micro
+
+
+@dataclass
+class PackedLayout:
+    """A micro-batch's sequences packed end to end (THD), and the way back to ``[n, L]``."""
+
+    input_ids: torch.Tensor
+    """``[1, T]`` token ids, sequences back to back (a padding segment may close the stream)."""
+    position_ids: torch.Tensor
+    """``[1, T]`` positions, restarting at 0 for every sequence."""
+    response_mask: torch.Tensor
+    """``[1, T]``."""
+    cu_seqlens: torch.Tensor
+    """``[segments + 1]`` int32 start offsets (megatron's PackedSeqParams)."""
+    max_seqlen: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    """Packed token k came from ``input_ids[rows[k], cols[k]]`` of the padded micro-batch."""
+
+    def unpack(self, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``[1, T]`` per-token values -> padded ``shape`` (zeros where there is no token)."""
+        out = values.new_zeros(shape)
+        out[self.rows, self.cols] = values.reshape(-1)[: len(self.rows)]
+        return out
+
+
+def pack_sequences(input_ids: torch.Tensor, lengths: torch.Tensor, response_mask: torch.Tensor,
+                   pad_to_multiple: int = 1) -> PackedLayout:
+    """Packs right-padded rows into one stream; the total is padded to ``pad_to_multiple``
+    (sequence parallelism splits it over TP ranks) with a segment of its own, so the padding
+    attends to nothing real."""
+    lengths = lengths.to(torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(len(rows), device=lengths.device) - starts[rows]
+    ids, mask = input_ids[rows, cols], response_mask[rows, cols]
+    cu = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+    pad = -len(rows) % pad_to_multiple
+    if pad:
+        ids = torch.cat([ids, ids.new_zeros(pad)])
+        mask = torch.cat([mask, mask.new_zeros(pad)])
+        cu = torch.cat([cu, cu[-1:] + pad])
+    positions = torch.arange(len(ids), device=ids.device) - torch.repeat_interleave(cu[:-1], cu.diff())
+    return PackedLayout(ids[None], positions[None], mask[None], cu.to(torch.int32),
+                        int(cu.diff().max()), rows, cols)
 
 
 def _k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -213,12 +268,17 @@ class Actor:
         if len(model_chunks) != 1:
             raise NotImplementedError("virtual pipeline stages (several model chunks per rank) are not implemented")
         config = self.spec.transformer_config
+        self.pack = self.spec.use_te if cfg.pack_sequences is None else cfg.pack_sequences
+        if self.pack and not self.spec.use_te:
+            raise ValueError("actor.pack_sequences=True needs Transformer Engine (megatron-core's local "
+                             "attention has no packed THD format); leave it None or False on CPU")
         if cfg.fused_logprobs and config.sequence_parallel:
             raise NotImplementedError("fused_logprobs with sequence_parallel (needs an all-gather of hidden "
                                       "states along the sequence) is not implemented; use fused_logprobs=False")
         # Micro-batches have different shapes; pipeline stages must exchange them.
         config.variable_seq_lengths = True
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -278,31 +338,56 @@ class Actor:
 
     # ------------------------------------------------------------------------------ passes
 
+    @staticmethod
+    def _model_inputs(micro: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, response mask, cu_seqlens) as the model sees them: packed or padded."""
+        packed = micro.get("packed")
+        if packed is not None:
+            return packed.input_ids, packed.response_mask, packed.cu_seqlens
+        return micro["input_ids"], micro["response_mask"], None
+
     def _logprobs(self, output, micro: dict, entropy: bool):
-        """Per-token log-probs/entropy of a micro-batch from the last stage's output."""
+        """Per-token log-probs/entropy ``[n, L]`` of a micro-batch from the last stage's output."""
         if self.cfg.fused_logprobs:
-            return output  # already computed by the output processor
-        return response_logprobs_from_logits(
-            output, micro["input_ids"], micro["response_mask"], self.tp_group, entropy=entropy,
-            temperature=self.cfg.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
-            vocab_size=self.spec.vocab_size,
-        )
+            lp, ent = output  # already computed by the output processor
+        else:
+            ids, mask, cu = self._model_inputs(micro)
+            lp, ent = response_logprobs_from_logits(
+                output, ids, mask, self.tp_group, cu_seqlens=cu, entropy=entropy,
+                temperature=self.cfg.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+                vocab_size=self.spec.vocab_size,
+            )
+        packed = micro.get("packed")
+        if packed is not None:
+            shape = micro["input_ids"].shape
+            lp = packed.unpack(lp, shape)
+            ent = packed.unpack(ent, shape) if ent is not None else None
+        return lp, ent
 
     def _fused_output_processor(self, *, hidden_states, output_layer, output_weight, context, **_):
         weight = output_weight if output_weight is not None else output_layer.weight
+        ids, mask, cu = self._model_inputs(context)
         return response_logprobs_from_hidden(
-            hidden_states.transpose(0, 1), weight, context["input_ids"], context["response_mask"],
-            self.tp_group, entropy=context["entropy"], temperature=self.cfg.temperature,
+            hidden_states.transpose(0, 1), weight, ids, mask, self.tp_group, cu_seqlens=cu,
+            entropy=context["entropy"], temperature=self.cfg.temperature,
             chunk_tokens=self.cfg.logprob_chunk_tokens or 1024, vocab_size=self.spec.vocab_size,
         )
 
     def _forward(self, model, micro: dict, entropy: bool):
-        ids = micro["input_ids"]
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         kwargs = {}
         if self.cfg.fused_logprobs:
             kwargs = dict(output_processor=self._fused_output_processor,
                           output_processor_context=dict(micro, entropy=entropy))
+        packed = micro.get("packed")
+        if packed is not None:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            kwargs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
+                max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+            return model(packed.input_ids, packed.position_ids, None, **kwargs)
+        ids = micro["input_ids"]
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         # attention_mask=None: causal attention; right padding never influences real tokens.
         return model(ids, positions, None, **kwargs)
 
@@ -316,8 +401,8 @@ class Actor:
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
             num_microbatches=len(micro_batches),
-            seq_length=max(m["input_ids"].shape[1] for m in micro_batches),
-            micro_batch_size=max(m["input_ids"].shape[0] for m in micro_batches),
+            seq_length=max(self._model_inputs(m)[0].shape[1] for m in micro_batches),
+            micro_batch_size=max(self._model_inputs(m)[0].shape[0] for m in micro_batches),
             forward_only=forward_only,
         )
 
@@ -325,9 +410,14 @@ class Actor:
         device = _device()
         shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
         micro = []
-        for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens):
+        for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens,
+                                       padded=not self.pack):
             m = {k: v.to(device) for k, v in batch.select(rows).items()}
             m["rows"] = rows
+            if self.pack:
+                sp = self.spec.transformer_config.sequence_parallel
+                m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(device),
+                                             m["response_mask"], self.tp_size if sp else 1)
             micro.append(m)
         return micro
 
