@@ -11,9 +11,9 @@ import argparse
 import shlex
 import sys
 
+from maspo_megatron.config import ConfigError
 from maspo_megatron.launch.node import ENV_ROLLOUT_HOSTS, ENV_TRAIN_HOSTS
 from maspo_megatron.launch.plan import (
-    LaunchError,
     LaunchPlan,
     Ports,
     make_plan,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         require_positive("--rollout-gpus", args.rollout_gpus)
         plan = make_plan(args.recipe, args.overrides, train_nodes=1, train_gpus_per_node=args.train_gpus,
                          rollout_nodes=1, rollout_gpus_per_node=args.rollout_gpus, ports=Ports())
-    except LaunchError as e:
+    except ConfigError as e:  # LaunchError, unknown recipe, bad override
         print(f"launch.local: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from maspo_megatron.config import ConfigError
 from maspo_megatron.launch.node import ENV_ROLLOUT_HOSTS, ENV_TRAIN_HOSTS
 from maspo_megatron.launch.plan import LaunchError, LaunchPlan, Ports, make_plan, rollout_args, train_args
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             constraint=args.constraint, gpus_per_node=args.gpus_per_node, ssh_host=args.ssh_host,
             ssh_user=args.ssh_user, code_dir=args.code_dir, mounts=args.mount,
             env=_key_values(args.env, "--env"), retries=args.retries, name=args.name)
-    except LaunchError as e:
+    except ConfigError as e:  # LaunchError, unknown recipe, bad override
         print(f"launch.slurm: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:
