@@ -13,6 +13,10 @@ copy-to-TP-region). With sequence parallelism the caller gathers first, with a g
 does not sum again: ``gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)``
 (its backward then only splits the already summed gradient). Using the default
 ``tensor_parallel_output_grad=True`` there would count the gradient ``tp`` times.
+
+On CUDA each chunk's logits go through the fused Triton kernels of :mod:`vocab_parallel` (see
+:func:`vocab_parallel.use_triton`); in backward the chunk's gradient then overwrites its logits in
+place, in their dtype, instead of an extra fp32 ``[chunk, V/tp]`` tensor.
 """
 
 from __future__ import annotations
@@ -22,26 +26,31 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .vocab_parallel import (
-    ShardInfo, check_targets, check_temperature, chunk_grad_z, chunk_ranges, chunk_stats,
-    combine_stats, compute_dtype,
+    ShardInfo, check_chunk_tokens, check_targets, check_temperature, chunk_grad_z, chunk_ranges,
+    chunk_stats, combine_stats, compute_dtype, kernels, use_triton,
 )
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, shard, temperature, entropy, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, shard, temperature, entropy, chunk_tokens, triton):
         x = hidden.reshape(-1, hidden.shape[-1])
         local_t = targets.reshape(-1) - shard.start
         n = x.shape[0]
         stats = torch.empty(4, n, dtype=compute_dtype(hidden.dtype), device=hidden.device)
         for a, b in chunk_ranges(n, chunk_tokens):
             logits = x[a:b] @ weight.t()
-            stats[:, a:b] = chunk_stats(logits, local_t[a:b], shard.n_valid, temperature, entropy)
+            if triton:
+                kernels().row_stats(logits, local_t[a:b], shard.n_valid, temperature, entropy,
+                                    out=stats[:, a:b])
+            else:
+                stats[:, a:b] = chunk_stats(
+                    logits, local_t[a:b], shard.n_valid, temperature, entropy)
             del logits
         m, log_s, w_over_s, zy = combine_stats(stats, shard.group, entropy)
         ctx.save_for_backward(hidden, weight, targets, m, log_s, w_over_s)
-        ctx.shard, ctx.temperature, ctx.entropy, ctx.chunk_tokens = (
-            shard, temperature, entropy, chunk_tokens)
+        ctx.shard, ctx.temperature, ctx.entropy, ctx.chunk_tokens, ctx.triton = (
+            shard, temperature, entropy, chunk_tokens, triton)
         logp = (zy - m - log_s).view(targets.shape)
         if entropy:
             return logp, (log_s - w_over_s).view(targets.shape)
@@ -66,11 +75,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         if nv:
             for a, b in chunk_ranges(x.shape[0], ctx.chunk_tokens):
                 logits = x[a:b] @ w_valid.t()
-                g = chunk_grad_z(
-                    logits, local_t[a:b], nv, ctx.temperature, m[a:b], log_s[a:b],
-                    w_over_s[a:b], g_lp[a:b], None if g_h is None else g_h[a:b])
-                del logits
-                g = g.to(hidden.dtype)
+                args = (logits, local_t[a:b], nv, ctx.temperature, m[a:b], log_s[a:b],
+                        w_over_s[a:b], g_lp[a:b], None if g_h is None else g_h[a:b])
+                if ctx.triton:
+                    g = kernels().logits_grad(*args, out=logits)
+                else:
+                    g = chunk_grad_z(*args).to(hidden.dtype)
+                del logits, args
                 if need_h:
                     grad_x[a:b] = g @ w_valid
                 if need_w:
@@ -81,7 +92,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return (
             grad_x.view_as(hidden) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -95,6 +106,7 @@ def fused_linear_vocab_parallel_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int | None = 1024,
     vocab_size: int | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and entropy of ``softmax((hidden @ weight.T) / temperature)`` without the logits.
 
@@ -103,7 +115,7 @@ def fused_linear_vocab_parallel_logprobs(
             module docstring for sequence parallelism). Its gradient is all-reduced over tp_group.
         weight: this rank's output-layer shard ``[Vp, h]`` (rows = global ids ``[r*Vp, (r+1)*Vp)``).
         targets: global token ids, shape ``hidden.shape[:-1]``.
-        tp_group, entropy, temperature, vocab_size: as in :func:`vocab_parallel_logprobs`.
+        tp_group, entropy, temperature, vocab_size, backend: as in :func:`vocab_parallel_logprobs`.
         chunk_tokens: tokens per chunk; the transient logits are ``[chunk_tokens, Vp]``.
 
     Returns:
@@ -120,10 +132,12 @@ def fused_linear_vocab_parallel_logprobs(
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     check_temperature(temperature)
+    check_chunk_tokens(chunk_tokens)
     shard = ShardInfo.make(tp_group, weight.shape[0], vocab_size)
     check_targets(targets, shard.vocab_size)
     out = _FusedLinearLogprobs.apply(
-        hidden, weight, targets, shard, float(temperature), entropy, chunk_tokens)
+        hidden, weight, targets, shard, float(temperature), entropy, chunk_tokens,
+        use_triton(hidden, backend))
     if entropy:
         return out
     return out, None

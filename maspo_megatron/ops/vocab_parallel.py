@@ -24,10 +24,17 @@ Everything is computed in fp32 whatever the input dtype (float64 inputs stay flo
 gradcheck); outputs are in that compute dtype. With ``chunk_tokens``
 forward and backward process that many tokens at a time, so the transient memory is
 O(chunk_tokens x Vp) fp32 instead of O(tokens x Vp).
+
+On CUDA the two per-chunk loops run as fused Triton kernels (:mod:`triton_kernels`: one read of
+the logits in forward, one read + one write of the gradient in backward, no fp32 temporaries, so
+``chunk_tokens`` has nothing left to bound and is ignored there). The PyTorch functions below are
+the reference and the CPU path; ``backend=`` or ``$MASPO_LOGPROB_BACKEND`` picks one explicitly.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +70,41 @@ class ShardInfo:
         start = tp_rank * shard_size
         n_valid = max(0, min(shard_size, vocab_size - start))
         return ShardInfo(tp_group if tp_size > 1 else None, start, n_valid, vocab_size)
+
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "MASPO_LOGPROB_BACKEND"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_KERNELS = None  # the triton_kernels module, imported on first use
+
+
+def kernels():
+    """The Triton kernel module (imported lazily: CPU-only runs never import triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import triton_kernels
+
+        _KERNELS = triton_kernels
+    return _KERNELS
+
+
+def use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    """Whether the fused Triton kernels handle logits like ``x``.
+
+    ``backend`` None means ``$MASPO_LOGPROB_BACKEND`` or ``"auto"``: Triton for fp32/bf16/fp16
+    CUDA tensors when triton is installed, else PyTorch. ``"triton"`` forces the kernels (they raise
+    on what they cannot run, e.g. float64); ``"torch"`` forces the reference path. Errors inside
+    a selected Triton path propagate: there is no silent fallback.
+    """
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(BACKEND_ENV, "auto"), f"${BACKEND_ENV}"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return (HAVE_TRITON and x.is_cuda
+                and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    return backend == "triton"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,30 +214,38 @@ def chunk_grad_z(
     return grad.div_(temperature)
 
 
+def check_chunk_tokens(chunk_tokens: int | None) -> None:
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens}")
+
+
 def chunk_ranges(n: int, chunk_tokens: int | None):
+    check_chunk_tokens(chunk_tokens)
     if chunk_tokens is None:
         return [(0, n)] if n else []
-    if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens}")
     return [(i, min(i + chunk_tokens, n)) for i in range(0, n, chunk_tokens)]
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, shard, temperature, entropy, chunk_tokens):
+    def forward(ctx, logits, targets, shard, temperature, entropy, chunk_tokens, triton):
         vp = logits.shape[-1]
         x = logits.reshape(-1, vp)
         local_t = targets.reshape(-1) - shard.start
         n = x.shape[0]
-        stats = torch.empty(4, n, dtype=compute_dtype(logits.dtype), device=logits.device)
-        for a, b in chunk_ranges(n, chunk_tokens):
-            stats[:, a:b] = chunk_stats(x[a:b], local_t[a:b], shard.n_valid, temperature, entropy)
+        if triton:
+            stats = kernels().row_stats(x, local_t, shard.n_valid, temperature, entropy)
+        else:
+            stats = torch.empty(4, n, dtype=compute_dtype(logits.dtype), device=logits.device)
+            for a, b in chunk_ranges(n, chunk_tokens):
+                stats[:, a:b] = chunk_stats(
+                    x[a:b], local_t[a:b], shard.n_valid, temperature, entropy)
         m, log_s, w_over_s, zy = combine_stats(stats, shard.group, entropy)
         logp = zy - m - log_s
         ent = log_s - w_over_s if entropy else None
         ctx.save_for_backward(logits, targets, m, log_s, w_over_s)
-        ctx.shard, ctx.temperature, ctx.entropy, ctx.chunk_tokens = (
-            shard, temperature, entropy, chunk_tokens)
+        ctx.shard, ctx.temperature, ctx.entropy, ctx.chunk_tokens, ctx.triton = (
+            shard, temperature, entropy, chunk_tokens, triton)
         shape = targets.shape
         if ent is None:
             return logp.view(shape)
@@ -211,13 +261,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local_t = targets.reshape(-1) - shard.start
         g_lp = g_lp.reshape(-1).to(m.dtype)
         g_h = g_h.reshape(-1).to(m.dtype) if ctx.entropy else None
+        if ctx.triton:
+            grad = kernels().logits_grad(
+                x, local_t, shard.n_valid, ctx.temperature, m, log_s, w_over_s, g_lp, g_h)
+            return grad.view_as(logits), None, None, None, None, None, None
         grad = torch.zeros_like(x)
         if shard.n_valid:
             for a, b in chunk_ranges(x.shape[0], ctx.chunk_tokens):
                 grad[a:b, : shard.n_valid] = chunk_grad_z(
                     x[a:b], local_t[a:b], shard.n_valid, ctx.temperature, m[a:b], log_s[a:b],
                     w_over_s[a:b], g_lp[a:b], None if g_h is None else g_h[a:b])
-        return grad.view_as(logits), None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -229,6 +283,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     vocab_size: int | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token ``log softmax(logits / temperature)[target]`` and entropy over a vocab-parallel shard.
 
@@ -242,6 +297,9 @@ def vocab_parallel_logprobs(
             fp32 working memory to O(chunk_tokens x Vp); None processes all tokens at once.
         vocab_size: the true vocabulary size; global ids ``>= vocab_size`` (Megatron's vocab
             padding) are excluded from the softmax. Defaults to ``Vp x tp`` (no padding).
+        backend: ``"auto"`` (default, or ``$MASPO_LOGPROB_BACKEND``), ``"triton"`` or ``"torch"``;
+            see :func:`use_triton`. The Triton path ignores ``chunk_tokens`` (it has no
+            O(tokens x Vp) temporaries to bound) and returns the gradient in the logits' dtype.
 
     Returns:
         ``(logprobs, entropy or None)``, fp32 (float64 for float64 logits), shape ``targets.shape``, identical on all TP ranks.
@@ -253,10 +311,12 @@ def vocab_parallel_logprobs(
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     check_temperature(temperature)
+    check_chunk_tokens(chunk_tokens)  # also on the Triton path, which does not chunk
     shard = ShardInfo.make(tp_group, logits.shape[-1], vocab_size)
     check_targets(targets, shard.vocab_size)
     out = _VocabParallelLogprobs.apply(
-        logits, targets, shard, float(temperature), entropy, chunk_tokens)
+        logits, targets, shard, float(temperature), entropy, chunk_tokens,
+        use_triton(logits, backend))
     if entropy:
         return out
     return out, None
