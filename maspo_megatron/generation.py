@@ -103,6 +103,12 @@ class RolloutEngine:
             # Without a router the client picks servers itself: tell it about restarts.
             self.servers.watch(self.client.mark_down, self.client.mark_up)
 
+    def restart_dead(self) -> list[str]:
+        """Restarts managed servers that died (attached servers are their launcher's business)."""
+        if not self.servers.procs:
+            return []
+        return self.servers.restart_dead(self.client.mark_down, self.client.mark_up)
+
     @property
     def server_urls(self) -> list[str]:
         """Each server's own URL (weight updates never go through the router)."""

@@ -33,6 +33,7 @@ from maspo_megatron.reward import RewardConfig
 from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig
+from maspo_megatron.weight_publisher import WeightPublisher
 
 logger = logging.getLogger("maspo_megatron")
 
@@ -249,14 +250,12 @@ class Trainer:
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.is_driver = self.rank == 0
-        self.engine = self.rewards = self.sink = self.syncer = None
+        self.engine = self.rewards = self.sink = self.publisher = None
         self.loader = self.eval_data = self.tokenizer = None
         self.bad_steps = 0
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
-        from megatron.core import parallel_state as ps
-
         from maspo_megatron.megatron.actor import Actor
         from maspo_megatron.megatron.convert import load_hf_checkpoint
         from maspo_megatron.megatron.model import build_model
@@ -265,6 +264,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if not cfg.model.path or not cfg.data.train_path:
+            raise ValueError("model.path (an HF model directory) and data.train_path (.jsonl/.parquet) "
+                             "must be set, e.g. model.path=/models/DeepSeek-R1-Distill-Qwen-1.5B")
         if cfg.actor.temperature != cfg.rollout.temperature:
             raise ValueError(
                 f"actor.temperature={cfg.actor.temperature} differs from rollout.temperature="
@@ -285,14 +287,13 @@ class Trainer:
             load_hf_checkpoint(ref_chunks, cfg.model.path)
             self.ref = Actor(ref_chunks, cfg.actor, trainable=False)
         self.start_step = 0
-        self._setup_sync_roles(ps)
         if self.is_driver:
             self._setup_driver()
         self._maybe_resume()
         urls = [self.engine.server_urls if self.is_driver else None]
         dist.broadcast_object_list(urls, src=0)
         self.server_urls = urls[0]
-        self.syncer = self._make_syncer() if self.is_sender else None
+        self.publisher = self._make_publisher()
 
     def _setup_driver(self) -> None:
         from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
@@ -311,28 +312,12 @@ class Trainer:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
 
-    def _setup_sync_roles(self, ps) -> None:
-        # One sender per pipeline stage: TP rank 0 of the first data-parallel replica. Its TP
-        # peers take part in the TP all-gathers of the HF export.
-        self.in_sync = ps.get_data_parallel_rank() == 0
-        self.is_sender = self.in_sync and ps.get_tensor_model_parallel_rank() == 0
-        self.pp_rank = ps.get_pipeline_model_parallel_rank()
-        self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        flags = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, self.is_sender)
-        senders = [r for r, s in enumerate(flags) if s]
-        self.sender_group = dist.new_group(senders) if len(senders) > 1 else None
-
-    def _make_syncer(self):
-        from maspo_megatron.rollout.weight_sync import WeightSyncer, make_turn_barrier
-
+    def _make_publisher(self) -> WeightPublisher:
         cfg = self.cfg
         if cfg.weight_sync.mode == "disk" and not cfg.weight_sync.disk_dir:
             cfg.weight_sync.disk_dir = os.path.join(cfg.output_dir, "sync")
-        barrier = make_turn_barrier(self.sender_group, _device()) if self.pp_size > 1 else None
-        return WeightSyncer(self.server_urls, cfg.weight_sync,
-                            engine_ranks_per_server=cfg.rollout.sglang_tp if cfg.rollout.engine == "sglang" else 1,
-                            sender_index=self.pp_rank, num_senders=self.pp_size, turn_barrier=barrier)
+        ranks = cfg.rollout.sglang_tp if cfg.rollout.engine == "sglang" else 1
+        return WeightPublisher(self.server_urls, cfg.weight_sync, engine_ranks_per_server=ranks)
 
     # --------------------------------------------------------------------- checkpoints
     def _ckpt_dir(self) -> str:
@@ -403,6 +388,7 @@ class Trainer:
     def step(self, step: int) -> dict | None:
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._heal_servers(step)
         batch, info = None, {}
         if self.is_driver:
             groups, info = self.collect(step)
@@ -455,19 +441,22 @@ class Trainer:
             metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
         return metrics
 
-    def _sync(self, version: int) -> float:
-        from maspo_megatron.megatron.convert import export_hf
+    def _heal_servers(self, version: int) -> None:
+        """Restarts dead managed servers and gives them the current weights (collective)."""
+        restarted = [self.engine.restart_dead() if self.is_driver else []]
+        dist.broadcast_object_list(restarted, src=0)
+        if restarted[0]:
+            if self.is_driver:
+                print(f"restarted rollout server(s) {restarted[0]}; re-sending weights v{version}", flush=True)
+            self.publisher.reset()
+            self._sync(version)
 
-        gbps = [0.0]
-        if self.in_sync:
-            named = export_hf(self.actor.model)
-            if self.is_sender:
-                gbps[0] = self.syncer.sync(named, version).gbps
-            else:
-                for _ in named:  # TP peers: join the export's all-gathers
-                    pass
-        dist.broadcast_object_list(gbps, src=0)
-        return gbps[0]
+    def _sync(self, version: int) -> float:
+        gbps = self.publisher.publish(self.actor.model, version)
+        if self.is_driver:
+            # A restarted server comes back with the checkpoint's weights: never use its samples.
+            self.engine.client.expected_weight_version = str(version)
+        return gbps
 
     def evaluate(self, step: int) -> dict:
         prompts = [self.eval_data[i] for i in range(min(self.cfg.eval_prompts, len(self.eval_data)))]
@@ -501,9 +490,9 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        if self.syncer is not None:
+        if self.publisher is not None:
             try:
-                self.syncer.close()
+                self.publisher.close()
             except Exception:  # noqa: BLE001 - shutting down; the servers go next
                 logger.exception("closing the weight-update group failed")
         if self.is_driver:

@@ -1,8 +1,9 @@
-"""End to end: a Megatron TP=2 model trains one MASPO step and syncs to two CPU servers.
+"""End to end: a Megatron model (TP=2, or PP=2) trains one MASPO step and syncs to two CPU servers.
 
 The servers (CPU implementation of SGLang's protocol) sit behind the real sglang-router. After
 the step, each server's log-probs for a fixed prompt + completion differ from the trainer's
-(stale weights); after the sync they equal the trainer's recomputed log-probs within 1e-4.
+(stale weights); after the sync they equal the trainer's recomputed log-probs within 1e-4. With
+PP=2 each stage sends its own layers (no rank holds the whole model).
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ def _server_logprobs(urls):
     return [asyncio.run(client.score(PROMPT, COMPLETION, url=u)) for u in urls]
 
 
-def train_and_sync(rank, world_size, model_dir, server_urls, router_url):
+def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp):
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
-    from maspo_megatron.megatron.convert import export_hf, load_hf_checkpoint
+    from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
     from maspo_megatron.rollout.client import RolloutClient, RolloutRequest
     from maspo_megatron.rollout.protocol import SamplingParams
-    from maspo_megatron.rollout.weight_sync import WeightSyncConfig, WeightSyncer
+    from maspo_megatron.rollout.weight_sync import WeightSyncConfig
     from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+    from maspo_megatron.weight_publisher import WeightPublisher
 
-    parallel = ParallelConfig(tp=2)
+    parallel = ParallelConfig(tp=tp, pp=pp)
     initialize_parallel(parallel)
     chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
     load_hf_checkpoint(chunks, model_dir)
@@ -62,26 +64,24 @@ def train_and_sync(rank, world_size, model_dir, server_urls, router_url):
     trained, _ = actor.compute_logprobs(batch)
     trained = trained[0, len(PROMPT):]
     out = {}
-    syncer = WeightSyncer(server_urls, WeightSyncConfig(bucket_bytes=16 << 10)) if rank == 0 else None
+    publisher = WeightPublisher(server_urls, WeightSyncConfig(bucket_bytes=16 << 10))
     if rank == 0:
         out["before"] = _server_logprobs(server_urls)
-        stats = syncer.sync(export_hf(actor.model), version=1)
-        out["buckets"] = stats.buckets
+    publisher.publish(actor.model, version=1)
+    if rank == 0:
         out["after"] = _server_logprobs(server_urls)
         # Generation through the router reports the new weight version.
         req = RolloutRequest(index=0, input_ids=tuple(PROMPT),
                              sampling=SamplingParams(max_new_tokens=3, sampling_seed=1))
         out["router_version"] = RolloutClient([router_url]).run([req])[0].weight_version
-        syncer.close()
-    else:
-        for _ in export_hf(actor.model):  # TP peer: joins the export's all-gathers
-            pass
+    publisher.close()
     out["trained"] = trained
     destroy_parallel()
     return out
 
 
-def test_megatron_tp2_step_then_sync_to_two_servers_behind_router(tmp_path):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2-one-sender-per-stage"])
+def test_megatron_step_then_sync_to_two_servers_behind_router(tmp_path, tp, pp):
     model_dir = str(tmp_path / "model")
     _make_model(model_dir)
     servers = ServerManager(lambda port: cpu_server_command(model_dir, port), 2, startup_timeout_s=120,
@@ -91,7 +91,8 @@ def test_megatron_tp2_step_then_sync_to_two_servers_behind_router(tmp_path):
         servers.start()
         router = RouterManager(servers.urls, log_dir=str(tmp_path))
         router.start()
-        results = run_distributed(train_and_sync, 2, model_dir, servers.urls, router.url, timeout=300)
+        results = run_distributed(train_and_sync, tp * pp, model_dir, servers.urls, router.url, tp, pp,
+                                  timeout=300)
     finally:
         if router is not None:
             router.stop()
@@ -99,7 +100,6 @@ def test_megatron_tp2_step_then_sync_to_two_servers_behind_router(tmp_path):
     r0 = results[0]
     trained = r0["trained"]
     torch.testing.assert_close(results[1]["trained"], trained, atol=1e-6, rtol=0)
-    assert r0["buckets"] > 1  # the model spans several 16 KiB buckets
     for before, after in zip(r0["before"], r0["after"]):
         before, after = torch.tensor(before), torch.tensor(after)
         assert (before - trained).abs().max() > 1e-2, "servers already had the trained weights?"
