@@ -87,3 +87,43 @@ def test_maspo_steps_tp2_pp2_match_single_rank_and_lower_loss(tmp_path):
 
     initial = load_file(str(tmp_path / "model.safetensors"))
     assert any(not torch.equal(initial[k], v) for k, v in ref["params"].items())
+
+
+def train_on_gpu(rank, world_size, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig
+    from maspo_megatron.megatron.convert import load_hf_checkpoint
+    from maspo_megatron.megatron.model import build_model
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig()
+    initialize_parallel(parallel)
+    out = {}
+    batch = make_batch()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+    with torch.no_grad():
+        logits = hf(batch.input_ids.cuda()).logits.float()
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids.cuda()[:, 1:, None])[..., 0]
+    ref = torch.nn.functional.pad(ref, (1, 0)).cpu() * batch.response_mask
+    for fused in (False, True):
+        chunks = build_model(model_dir, parallel, dtype=torch.bfloat16, make_vocab_size_divisible_by=8)
+        load_hf_checkpoint(chunks, model_dir)
+        actor = Actor(chunks, ActorConfig(fused_logprobs=fused, optimizer=OptimizerConfig(lr=1e-3)))
+        batch.old_logprobs, _ = actor.compute_logprobs(batch)
+        losses = [actor.train_step(batch)["loss"] for _ in range(3)]
+        out[fused] = {"old": batch.old_logprobs, "losses": losses}
+    out["ref"] = ref
+    destroy_parallel()
+    return out
+
+
+@pytest.mark.gpu
+def test_actor_bf16_on_gpu_matches_hf_and_learns(tmp_path):
+    make_tiny_llama(tmp_path)
+    (out,) = run_distributed(train_on_gpu, 1, str(tmp_path))
+    for fused in (False, True):
+        # bf16 weights and activations vs the fp32 HF model.
+        torch.testing.assert_close(out[fused]["old"], out["ref"], atol=5e-2, rtol=0)
+        assert out[fused]["losses"][-1] < out[fused]["losses"][0]
+    torch.testing.assert_close(out[True]["old"], out[False]["old"], atol=1e-3, rtol=0)
