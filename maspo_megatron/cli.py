@@ -82,7 +82,10 @@ def cmd_eval(args) -> int:
 
 def cmd_export_hf(args) -> int:
     if not _under_torchrun():
-        return _relaunch_with_torchrun(args.nproc_per_node or 1, ["export-hf", *sys.argv[2:]])
+        # From the parsed arguments, not sys.argv: main(argv) may be called from Python.
+        return _relaunch_with_torchrun(args.nproc_per_node or 1, [
+            "export-hf", "--checkpoint", args.checkpoint, "--model", args.model, "--out", args.out,
+            "--tp", str(args.tp), "--pp", str(args.pp)])
     from maspo_megatron.megatron.export import export_checkpoint_to_hf
 
     export_checkpoint_to_hf(args.checkpoint, args.model, args.out, tp=args.tp, pp=args.pp)

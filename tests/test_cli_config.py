@@ -115,3 +115,20 @@ def test_cli_rejects_bad_overrides_with_exit_code_2(argv, expected, capsys, tmp_
     assert err.startswith("maspo-megatron: config error: ") and expected in err, err
     # Nothing was started or written for a rejected command (the demo checks before its assets).
     assert not (tmp_path / "demo").exists()
+
+
+def test_commands_relaunch_under_torchrun_with_their_own_arguments(monkeypatch):
+    import maspo_megatron.cli as cli
+
+    calls = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(cli, "_relaunch_with_torchrun", lambda nproc, argv: calls.append((nproc, argv)) or 0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])  # must not leak into the child's command line
+    assert main(["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo"]) == 0
+    assert main(["export-hf", "--checkpoint", "c", "--model", "m", "--out", "o", "--tp", "2"]) == 0
+    # tiny_cpu is TP=2: two processes on a machine without GPUs.
+    assert calls == [
+        (2, ["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo"]),
+        (1, ["export-hf", "--checkpoint", "c", "--model", "m", "--out", "o", "--tp", "2", "--pp", "1"]),
+    ]
