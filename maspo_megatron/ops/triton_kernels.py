@@ -31,7 +31,7 @@ def _row_stats_kernel(
     x_ptr, t_ptr, out_ptr,
     stride_xr, stride_xc, stride_o,
     n_valid, inv_t,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program per row. m, s, w are the running max of z, sum exp(z - m) and
     # sum exp(z - m)(z - m) over the columns seen so far, moved to the new max at every block.
@@ -40,7 +40,9 @@ def _row_stats_kernel(
     m = tl.full([], -float("inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     w = tl.zeros([], tl.float32)
-    for start in range(0, n_valid, BLOCK_V):
+    # STAGES > 1 prefetches the next blocks through shared memory (cp.async) while this one is
+    # reduced; 1 keeps plain vectorised loads and relies on other programs to hide latency.
+    for start in tl.range(0, n_valid, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < n_valid
         x = tl.load(x_row + cols * stride_xc, mask=valid, other=-float("inf"))
@@ -94,7 +96,8 @@ def _logits_grad_kernel(
              mask=cols < n_cols)
 
 
-def _launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+def launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of ``n_cols``: the given values, else the defaults."""
     if block_v is None:
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
     if block_v < 16 or block_v & (block_v - 1):
@@ -132,10 +135,12 @@ def row_stats(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    num_stages: int = 1,
 ) -> torch.Tensor:
     """``vocab_parallel.chunk_stats`` in one pass: fp32 ``[4, c]`` (max z, sum exp(z - max),
     sum exp(z - max)(z - max) or 0, target z or -inf), written into ``out`` if given (a ``[4, c]``
-    fp32 view with unit column stride, e.g. ``stats[:, a:b]``)."""
+    fp32 view with unit column stride, e.g. ``stats[:, a:b]``). ``block_v``, ``num_warps`` and
+    ``num_stages`` (software pipelining of the column loop) tune the launch."""
     _check(x, local_targets, n_valid)
     c = x.shape[0]
     if out is None:
@@ -146,11 +151,11 @@ def row_stats(
     local_targets = local_targets.contiguous()
     if c == 0:
         return out
-    block_v, num_warps = _launch_config(n_valid, block_v, num_warps)
+    block_v, num_warps = launch_config(n_valid, block_v, num_warps)
     _row_stats_kernel[(c,)](
         x, local_targets, out, x.stride(0), x.stride(1), out.stride(0),
         n_valid, 1.0 / temperature,
-        ENTROPY=entropy, BLOCK_V=block_v, num_warps=num_warps)
+        ENTROPY=entropy, BLOCK_V=block_v, STAGES=num_stages, num_warps=num_warps)
     return out
 
 
@@ -189,7 +194,7 @@ def logits_grad(
     local_targets = local_targets.contiguous()
     if c == 0 or n_cols == 0:
         return out
-    block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+    block_v, num_warps = launch_config(n_cols, block_v, num_warps)
     grid = (c, triton.cdiv(n_cols, block_v))
     _logits_grad_kernel[grid](
         x, local_targets, m, log_s, w_over_s, g_lp, g_lp if g_h is None else g_h, out,
