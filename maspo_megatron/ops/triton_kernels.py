@@ -22,7 +22,9 @@ from triton import knobs
 # Captured at import: a copy loaded under TRITON_INTERPRET=1 may run on CPU tensors.
 INTERPRET = bool(knobs.runtime.interpret)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Widest column block per program; a 128k-column row is 16 blocks of 8192.
+# Widest column block per program; a 128k-column row is 16 blocks of 8192. The launch defaults
+# (this, launch_config's warps, 1 pipeline stage) were set without a GPU measurement: the CUDA
+# run of benchmarks/logprob.py prints a sweep of alternatives to tune them.
 MAX_BLOCK_V = 8192
 
 
