@@ -37,10 +37,14 @@ def sharded_tensors(model):
             yield sh
 
 
-def build_model(tp: int, pp: int, *, num_layers: int = LAYERS, hidden: int = HIDDEN):
+def build_model(
+    tp: int, pp: int, *, num_layers: int = LAYERS, hidden: int = HIDDEN, qk_layernorm: bool = False,
+    initialize: bool = True,
+):
     """Initialises the parallel state for ``tp`` x ``pp`` and builds the tiny model.
 
-    Returns ``(model, config)``; the weights come from ``full_tensor`` (layout-independent).
+    ``initialize=False`` builds another model in an already initialised process. Returns
+    ``(model, config)``; the weights come from ``full_tensor`` (layout-independent).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -48,7 +52,8 @@ def build_model(tp: int, pp: int, *, num_layers: int = LAYERS, hidden: int = HID
 
     from maspo_megatron.runtime import ParallelConfig, initialize_parallel
 
-    initialize_parallel(ParallelConfig(tp=tp, pp=pp))
+    if initialize:
+        initialize_parallel(ParallelConfig(tp=tp, pp=pp))
     from megatron.core import parallel_state as ps
 
     config = TransformerConfig(
@@ -61,8 +66,8 @@ def build_model(tp: int, pp: int, *, num_layers: int = LAYERS, hidden: int = HID
         apply_rope_fusion=False,
     )
     model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-        max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=qk_layernorm),
+        vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=True,
         position_embedding_type="rope",
     )
@@ -73,8 +78,11 @@ def build_model(tp: int, pp: int, *, num_layers: int = LAYERS, hidden: int = HID
     return model, config
 
 
-def wrap_ddp_and_optimizer(model, config, *, lr: float = 1e-3, clip_grad: float = 0.05):
-    """Megatron DDP + the distributed Adam optimizer, wired into ``config`` for the schedules."""
+def wrap_ddp_and_optimizer(model, config, *, lr: float = 1e-3, clip_grad: float = 0.05, **optimizer_config):
+    """Megatron DDP + the distributed Adam optimizer, wired into ``config`` for the schedules.
+
+    ``optimizer_config``: further ``OptimizerConfig`` fields (e.g. ``min_lr`` for a scheduler).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -85,7 +93,8 @@ def wrap_ddp_and_optimizer(model, config, *, lr: float = 1e-3, clip_grad: float 
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=lr, clip_grad=clip_grad,
-                        use_distributed_optimizer=True, bf16=False, params_dtype=torch.float32),
+                        use_distributed_optimizer=True, bf16=False, params_dtype=torch.float32,
+                        **optimizer_config),
         [model],
     )
     config.no_sync_func = model.no_sync
