@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from maspo_megatron.megatron import convert
-from maspo_megatron.megatron.convert import CheckpointError, HFCheckpoint, bucket_named_tensors
+from maspo_megatron.megatron.convert import CheckpointError, HFCheckpoint
+from maspo_megatron.tensors import bucket_named_tensors
 from maspo_megatron.megatron.families import ArchConfig, ParamRule, RopeConfig, ShardKind
 
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from maspo_megatron.megatron.families import ArchConfig, ParamRule, ShardKind
 from maspo_megatron.megatron.model import ModelSpec, global_layer_indices, model_spec, unwrap_model
+from maspo_megatron.tensors import bucket_named_tensors
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -338,28 +339,6 @@ def export_hf(model, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str,
                 yield name, tensor if dtype is None else tensor.to(dtype)
 
 
-def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Groups a stream of named tensors into lists of about ``bucket_bytes`` each.
-
-    A bucket is closed before the tensor that would take it over the limit; a tensor larger
-    than the limit travels alone. Order is preserved.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
 def save_hf(model, out_dir: str | os.PathLike, hf_config=None, tokenizer_dir: str | os.PathLike | None = None,
             *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes an HF checkpoint (safetensors shards + index, config.json, tokenizer files).
@@ -430,7 +409,6 @@ def _finalize(out_dir: str, files: list[tuple[str, list[str], int]], hf_config, 
 __all__ = [
     "CheckpointError",
     "HFCheckpoint",
-    "bucket_named_tensors",
     "export_hf",
     "load_hf_checkpoint",
     "save_hf",

@@ -58,6 +58,7 @@ from maspo_megatron.rollout.protocol import (
     init_weight_update_group, order_for_alignment,
 )
 from maspo_megatron.rollout.servers import free_port
+from maspo_megatron.tensors import bucket_named_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +166,7 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
                  ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Groups a stream of tensors into buckets of at most ``bucket_bytes`` (an oversized tensor
     forms a bucket of its own), each ordered for flattened_bucket alignment."""
-    bucket, size = [], 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield order_for_alignment(bucket)
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
+    for bucket in bucket_named_tensors(named, bucket_bytes):
         yield order_for_alignment(bucket)
 
 
