@@ -63,7 +63,7 @@ def build_model(
         params_dtype=torch.float32, pipeline_dtype=torch.float32, use_cpu_initialization=True,
         bias_activation_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=False, qk_layernorm=qk_layernorm,
     )
     model = GPTModel(
         config=config, transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=qk_layernorm),

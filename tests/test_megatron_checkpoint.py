@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_tiny import MBS, NUM_MB, SEQ, VOCAB, build_model, gather_params, train_step, wrap_ddp_and_optimizer
+from megatron_tiny import assemble, MBS, NUM_MB, SEQ, VOCAB, build_model, gather_params, train_step, wrap_ddp_and_optimizer
 
 K = 2  # steps before the save
 EXTRA = {"cursor": {"epoch": 0, "index": 2 * K}, "rollout_step": K, "note": "ok"}
@@ -228,10 +228,128 @@ def test_tp2_checkpoint_loads_at_tp1(saved):
     for tp2 in saved["ranks"]:
         torch.testing.assert_close(tp1["logprobs"], tp2["logprobs"], atol=1e-6, rtol=0)
     # Optimizer resharded TP=2 -> TP=1: the next update matches the TP=2 run's.
+    full = assemble([tp1["params_after_fixed_step"]])
     checked = 0
     for tp2 in saved["ranks"]:
         for (key, _), (_, view, shard) in tp2["params_after_fixed_step"].items():
-            ((_, full),) = [(k, v) for k, v in tp1["params_after_fixed_step"].items() if k[0] == key]
-            torch.testing.assert_close(shard, full[2][view].reshape(shard.shape), atol=1e-5, rtol=0)
+            torch.testing.assert_close(shard, full[key][view].reshape(shard.shape), atol=1e-5, rtol=0)
             checked += 1
-    assert checked > 0
+    assert checked == 2 * len(tp1["params_after_fixed_step"])
+
+
+def _error_text(fn, *args, **kwargs) -> str:
+    from maspo_megatron.megatron.checkpoint import CheckpointError
+
+    try:
+        fn(*args, **kwargs)
+    except (CheckpointError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"{fn.__name__} did not raise")
+
+
+def errors_and_crash(rank, world_size, full_dir, dp_dir, scratch):
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from maspo_megatron.megatron.checkpoint import latest_checkpoint_step, load_checkpoint, save_checkpoint
+    from maspo_megatron.runtime import destroy_parallel
+
+    model, optimizer, scheduler = _setup(1)
+    out = {"dp_optimizer": _error_text(load_checkpoint, dp_dir, model, optimizer)}
+    out["dp_model_only_step"] = load_checkpoint(dp_dir, model)["step"]  # the model still reshards
+    wide, _ = build_model(1, 1, hidden=48, initialize=False)
+    out["shape"] = _error_text(load_checkpoint, full_dir, wide)
+    qk, _ = build_model(1, 1, qk_layernorm=True, initialize=False)
+    out["missing"] = _error_text(load_checkpoint, full_dir, qk)
+    save_checkpoint(Path(scratch) / "qk", 1, qk, None)
+    out["unexpected"] = _error_text(load_checkpoint, Path(scratch) / "qk", model)
+    out["no_optimizer"] = _error_text(load_checkpoint, Path(scratch) / "qk", qk, optimizer)
+
+    # A crash in the middle of a save leaves the previous checkpoint and `latest` usable.
+    crash = Path(scratch) / "crash"
+    save_checkpoint(crash, 1, model, optimizer, scheduler, {"n": 1})
+    real_save = dist_checkpointing.save
+
+    def failing_save(state, directory, *args, **kwargs):
+        (Path(directory) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("disk full (injected)")
+
+    dist_checkpointing.save = failing_save
+    try:
+        save_checkpoint(crash, 2, model, optimizer, scheduler, {"n": 2})
+        out["crash_raised"] = False
+    except OSError:
+        out["crash_raised"] = True
+    finally:
+        dist_checkpointing.save = real_save
+    out["after_crash"] = {"latest": latest_checkpoint_step(crash), "entries": sorted(p.name for p in crash.iterdir())}
+    out["after_crash_load"] = load_checkpoint(crash, model, optimizer, scheduler)["extra_state"]
+    save_checkpoint(crash, 1, model, optimizer, scheduler, {"n": "replaced"})
+    save_checkpoint(crash, 2, model, optimizer, scheduler, {"n": 2})
+    out["final"] = {"latest": latest_checkpoint_step(crash), "entries": sorted(p.name for p in crash.iterdir())}
+    out["step1"] = load_checkpoint(crash, model, step=1)["extra_state"]
+    out["missing_step"] = _error_text(load_checkpoint, crash, model, step=5)
+    destroy_parallel()
+    return out
+
+
+@pytest.mark.slow
+def test_errors_name_the_problem_and_a_crashed_save_leaves_latest_intact(saved, tmp_path):
+    (out,) = run_distributed(errors_and_crash, 1, str(saved["full"]), str(saved["dp"]), str(tmp_path))
+    assert "dp_reshardable" in out["dp_optimizer"] and "tensor_parallel=2" in out["dp_optimizer"]
+    assert out["dp_model_only_step"] == K
+    assert "CheckpointError" in out["shape"]
+    assert "'embedding.word_embeddings.weight'" in out["shape"] and "(64, 32)" in out["shape"] and "(64, 48)" in out["shape"]
+    assert "'decoder.layers.self_attention.q_layernorm.weight'" in out["missing"]
+    assert "is not in the checkpoint" in out["missing"]
+    assert "'decoder.layers.self_attention.q_layernorm.weight' has no counterpart" in out["unexpected"]
+    assert "no optimizer state" in out["no_optimizer"]
+
+    assert out["crash_raised"]
+    assert out["after_crash"] == {"latest": 1, "entries": [".iter_0000002.incomplete", "iter_0000001", "latest"]}
+    assert out["after_crash_load"] == {"n": 1}
+    assert out["final"] == {"latest": 2, "entries": ["iter_0000001", "iter_0000002", "latest"]}
+    assert out["step1"] == {"n": "replaced"}
+    assert "FileNotFoundError" in out["missing_step"] and "steps present: [1, 2]" in out["missing_step"]
+
+
+def test_missing_or_empty_directory_is_a_clear_error(tmp_path):
+    from maspo_megatron.megatron.checkpoint import latest_checkpoint_step, load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope", torch.nn.Linear(1, 1))
+    with pytest.raises(FileNotFoundError, match="tracker file 'latest' is missing"):
+        load_checkpoint(tmp_path, torch.nn.Linear(1, 1))
+    (tmp_path / ".iter_0000003.incomplete").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"unfinished saves: \.iter_0000003\.incomplete"):
+        load_checkpoint(tmp_path, torch.nn.Linear(1, 1))
+    assert latest_checkpoint_step(tmp_path) is None
+    assert latest_checkpoint_step(tmp_path / "nope") is None
+
+
+def test_bad_tracker_and_foreign_directory(tmp_path):
+    from maspo_megatron.megatron.checkpoint import CheckpointError, latest_checkpoint_step, load_checkpoint
+
+    (tmp_path / "latest").write_text("ten\n")
+    with pytest.raises(ValueError, match="should hold a step number, found 'ten'"):
+        latest_checkpoint_step(tmp_path)
+    (tmp_path / "latest").write_text("10\n")
+    (tmp_path / "iter_0000010").mkdir()
+    with pytest.raises(CheckpointError, match="trainer_state.json is missing"):
+        load_checkpoint(tmp_path, torch.nn.Linear(1, 1))
+
+
+def test_save_rejects_bad_arguments_before_any_collective(tmp_path):
+    from maspo_megatron.megatron.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(TypeError, match=r"extra_state\['cursor'\]\['seen'\] \(a set\)"):
+        save_checkpoint(tmp_path, 1, model, None, extra_state={"cursor": {"seen": {1, 2}}})
+    with pytest.raises(TypeError, match=r"extra_state key 3"):
+        save_checkpoint(tmp_path, 1, model, None, extra_state={3: "x"})
+    with pytest.raises(ValueError, match="non-negative int"):
+        save_checkpoint(tmp_path, -1, model, None)
+    with pytest.raises(ValueError, match="optimizer_sharding"):
+        save_checkpoint(tmp_path, 1, model, None, optimizer_sharding="fully_sharded_model_space")
+    assert list(tmp_path.iterdir()) == []

@@ -209,8 +209,9 @@ def _materialise_adam_state(optimizer) -> None:
 
     megatron-core 0.19's ``DistributedOptimizer.state_dict()`` reads the step from the
     per-parameter state of a plain torch Adam (the optimizer used without Apex/TE, e.g. on CPU)
-    and asserts it is there, so the *loading* state dict of a fresh optimizer cannot be built.
-    Zero moments at step 0 are what Adam's first step would create; the load overwrites them.
+    and asserts it is there, so no state dict of a never-stepped optimizer can be built (to load
+    into, or to save at step 0). Zero moments at step 0 are exactly what Adam's first step would
+    create (so training is unchanged); a load overwrites them.
     Other optimizers (TE/Apex FusedAdam keep the step in param groups) are left alone.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -277,8 +278,7 @@ def _sharded_state(chunks, optimizer, scheduler, sharding: str, *, is_loading: b
     """The state dict handed to dist-checkpointing (``rng``: the object's data, or False)."""
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(len(chunks)), chunks)}
     if optimizer is not None:
-        if is_loading:
-            _materialise_adam_state(optimizer)
+        _materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": sharding, "chained_optim_avoid_prefix": True},
