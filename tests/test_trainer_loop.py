@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -41,6 +42,10 @@ class FakeEngine:
         self.informative = informative
         self.seed_bases: list[int] = []
         self.closed = False
+        self.client = types.SimpleNamespace(expected_weight_version=None)
+
+    def restart_dead(self):
+        return []  # the servers never die here
 
     def sample(self, prompts, n, seed_base, temperature=None):
         self.seed_bases.append(seed_base)
@@ -56,10 +61,25 @@ class FakeEngine:
         self.closed = True
 
 
+class FakePublisher:
+    """Records the weight versions the trainer publishes."""
+
+    def __init__(self):
+        self.versions: list[int] = []
+
+    def publish(self, model, version):
+        self.versions.append(version)
+        return 0.0
+
+    def close(self):
+        pass
+
+
 class FakeActor:
     """Reports a skipped (non-finite) optimizer step where ``skips[k]`` is true."""
 
     dp_size = 1
+    model = None
 
     def __init__(self, skips):
         self.skips = list(skips)
@@ -86,7 +106,8 @@ def trainer_factory(tmp_path):
         (tmp_path / "run").mkdir(exist_ok=True)
         t = Trainer(cfg)
         t.engine, t.loader, t.actor = engine or FakeEngine(), FakeLoader(), actor
-        t.in_sync = t.is_sender = False  # no weight sync: _sync only shares a zero bandwidth
+        t.publisher = FakePublisher()
+        t.ref = None  # no reference policy (kl_coef = 0)
         t.start_step = 0
         t.sink = MetricsSink(cfg)
         t.saved = []
@@ -167,6 +188,8 @@ def test_bad_steps_are_reported_and_training_stops_after_max_bad_steps(trainer_f
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]  # the failing step's metrics are kept
     assert [m["actor/skipped_steps"] for m in logged] == [0, 1, 0, 1, 1, 1]
     assert t.saved == [1, 2, 3, 4, 5] and len(actor.batches) == 6
+    # Weights are published after every step, skipped or not (a skipped step publishes unchanged ones).
+    assert t.publisher.versions == [1, 2, 3, 4, 5, 6]
     assert t.engine.closed  # servers and workers are shut down on the way out
 
 
