@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -32,7 +33,7 @@ from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
 from maspo_megatron.reward import RewardConfig
 from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
-from maspo_megatron.runtime import ParallelConfig
+from maspo_megatron.runtime import ParallelConfig, device
 from maspo_megatron.weight_publisher import WeightPublisher
 
 logger = logging.getLogger("maspo_megatron")
@@ -227,7 +228,7 @@ def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
     if dist.get_rank() == 0:
         meta = [{k: (tuple(v.shape), v.dtype) for k in names if (v := getattr(batch, k)) is not None}]
     dist.broadcast_object_list(meta, src=0)
-    dev = _device()
+    dev = device()
     fields = {}
     for k, (shape, dtype) in meta[0].items():
         t = getattr(batch, k).to(dev) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
@@ -236,10 +237,6 @@ def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
     return SequenceBatch(**fields)
 
 
-def _device():
-    from maspo_megatron.runtime import device
-
-    return device()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -511,6 +508,9 @@ def train(cfg: TrainerConfig) -> None:
                     r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    # torchrun ends the surviving ranks with SIGTERM when one fails; turning it into SystemExit
+    # runs the clean-up below (servers, reward workers, weight-update group, metric files).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     initialize_parallel(cfg.parallel)
     trainer = Trainer(cfg)
     try:

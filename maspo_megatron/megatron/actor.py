@@ -35,6 +35,7 @@ from maspo_megatron.algo.losses import (
     policy_loss,
 )
 from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
+from maspo_megatron.runtime import device
 
 
 @dataclass
@@ -407,16 +408,16 @@ class Actor:
         )
 
     def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor) -> list[dict]:
-        device = _device()
+        dev = device()
         shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
         micro = []
         for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens,
                                        padded=not self.pack):
-            m = {k: v.to(device) for k, v in batch.select(rows).items()}
+            m = {k: v.to(dev) for k, v in batch.select(rows).items()}
             m["rows"] = rows
             if self.pack:
                 sp = self.spec.transformer_config.sequence_parallel
-                m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(device),
+                m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(dev),
                                              m["response_mask"], self.tp_size if sp else 1)
             micro.append(m)
         return micro
@@ -444,7 +445,7 @@ class Actor:
         self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
         results = [out_lp] + ([out_ent] if entropy else [])
         # Each row was filled on exactly one DP rank's last stage: a sum assembles the batch.
-        stacked = torch.stack(results).to(_device())
+        stacked = torch.stack(results).to(device())
         dist.all_reduce(stacked, group=self.dp_group)
         dist.broadcast(stacked, src=self.pp_last_rank, group=self.pp_group)
         stacked = stacked.cpu()
@@ -540,7 +541,7 @@ class Actor:
             for r in reduced:
                 v = torch.stack([r[k].double().cpu() for k in keys]) if keys else acc
                 acc = acc + v if op == dist.ReduceOp.SUM else torch.maximum(acc, v)
-            acc = acc.to(_device())
+            acc = acc.to(device())
             dist.all_reduce(acc, op=op, group=self.dp_group)
             dist.broadcast(acc, src=self.pp_last_rank, group=self.pp_group)
             values.update(zip(keys, acc.cpu().tolist()))
@@ -552,9 +553,3 @@ class Actor:
 
 def _is_max(key: str) -> bool:
     return key.endswith("_max")
-
-
-def _device() -> torch.device:
-    from maspo_megatron.runtime import device
-
-    return device()

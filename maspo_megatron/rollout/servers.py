@@ -102,6 +102,20 @@ def http_ok(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> boo
         return False
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM it when its parent dies.
+
+    The servers run in their own session (so ``stop`` can end their children), which also
+    shields them from the signals that end the trainer; without this, a trainer killed with
+    SIGKILL (OOM killer, scancel, a crashed torchrun rank) would leave them running.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ManagedProcess:
     """One server process: started in its own process group so stop() also ends its children."""
 
@@ -113,7 +127,8 @@ class ManagedProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         finally:
             if self.log_path:
                 out.close()
