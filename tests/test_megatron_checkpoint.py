@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_tiny import assemble, MBS, NUM_MB, SEQ, VOCAB, build_model, gather_params, train_step, wrap_ddp_and_optimizer
+from megatron_tiny import (
+    MBS, NUM_MB, SEQ, VOCAB, assemble, build_model, gather_params, train_step, wrap_ddp_and_optimizer,
+)
 
 K = 2  # steps before the save
 EXTRA = {"cursor": {"epoch": 0, "index": 2 * K}, "rollout_step": K, "note": "ok"}
@@ -78,7 +80,8 @@ def _logprobs(model, data) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for b in data:
-            logits = gather_from_tensor_model_parallel_region(module(b["tokens"], b["position_ids"], None))
+            local_logits = module(b["tokens"], b["position_ids"], None)
+            logits = gather_from_tensor_model_parallel_region(local_logits)
             logp = torch.log_softmax(logits.double(), dim=-1)
             out.append(logp.gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1))
     module.train()
@@ -137,7 +140,8 @@ def run_and_save(rank, world_size, full_dir, dp_dir):
     _step(model, optimizer, scheduler, _fixed_batch(2))
     params = gather_params(model.module)
     destroy_parallel()
-    return {"dir": str(committed), "rng": rng, "adam": adam, "lr": lr, "logprobs": logprobs, "params_after_fixed_step": params}
+    return {"dir": str(committed), "rng": rng, "adam": adam, "lr": lr, "logprobs": logprobs,
+            "params_after_fixed_step": params}
 
 
 def resume(rank, world_size, full_dir, dp_dir):
@@ -187,7 +191,9 @@ def test_layout_on_disk(saved):
     assert sorted(p.name for p in full.iterdir()) == ["iter_0000002", "latest"]
     state = json.loads((full / "iter_0000002" / "trainer_state.json").read_text())
     assert state["step"] == K and state["extra_state"] == EXTRA
-    assert state["layout"] == {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 1, "device": "cpu"}
+    assert state["layout"] == {
+        "tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 1, "device": "cpu"
+    }
 
 
 @pytest.mark.slow
@@ -247,12 +253,18 @@ def _error_text(fn, *args, **kwargs) -> str:
     raise AssertionError(f"{fn.__name__} did not raise")
 
 
+def _listing(ckpt_dir):
+    from maspo_megatron.megatron.checkpoint import latest_checkpoint_step
+
+    return {"latest": latest_checkpoint_step(ckpt_dir), "entries": sorted(p.name for p in ckpt_dir.iterdir())}
+
+
 def errors_and_crash(rank, world_size, full_dir, dp_dir, scratch):
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
 
-    from maspo_megatron.megatron.checkpoint import latest_checkpoint_step, load_checkpoint, save_checkpoint
+    from maspo_megatron.megatron.checkpoint import load_checkpoint, save_checkpoint
     from maspo_megatron.runtime import destroy_parallel
 
     model, optimizer, scheduler = _setup(1)
@@ -283,11 +295,11 @@ def errors_and_crash(rank, world_size, full_dir, dp_dir, scratch):
         out["crash_raised"] = True
     finally:
         dist_checkpointing.save = real_save
-    out["after_crash"] = {"latest": latest_checkpoint_step(crash), "entries": sorted(p.name for p in crash.iterdir())}
+    out["after_crash"] = _listing(crash)
     out["after_crash_load"] = load_checkpoint(crash, model, optimizer, scheduler)["extra_state"]
     save_checkpoint(crash, 1, model, optimizer, scheduler, {"n": "replaced"})
     save_checkpoint(crash, 2, model, optimizer, scheduler, {"n": 2})
-    out["final"] = {"latest": latest_checkpoint_step(crash), "entries": sorted(p.name for p in crash.iterdir())}
+    out["final"] = _listing(crash)
     out["step1"] = load_checkpoint(crash, model, step=1)["extra_state"]
     out["missing_step"] = _error_text(load_checkpoint, crash, model, step=5)
     destroy_parallel()
@@ -300,14 +312,17 @@ def test_errors_name_the_problem_and_a_crashed_save_leaves_latest_intact(saved, 
     assert "dp_reshardable" in out["dp_optimizer"] and "tensor_parallel=2" in out["dp_optimizer"]
     assert out["dp_model_only_step"] == K
     assert "CheckpointError" in out["shape"]
-    assert "'embedding.word_embeddings.weight'" in out["shape"] and "(64, 32)" in out["shape"] and "(64, 48)" in out["shape"]
+    assert "'embedding.word_embeddings.weight'" in out["shape"]
+    assert "(64, 32) in the checkpoint but (64, 48) in the model" in out["shape"]
     assert "'decoder.layers.self_attention.q_layernorm.weight'" in out["missing"]
     assert "is not in the checkpoint" in out["missing"]
     assert "'decoder.layers.self_attention.q_layernorm.weight' has no counterpart" in out["unexpected"]
     assert "no optimizer state" in out["no_optimizer"]
 
     assert out["crash_raised"]
-    assert out["after_crash"] == {"latest": 1, "entries": [".iter_0000002.incomplete", "iter_0000001", "latest"]}
+    assert out["after_crash"] == {
+        "latest": 1, "entries": [".iter_0000002.incomplete", "iter_0000001", "latest"]
+    }
     assert out["after_crash_load"] == {"n": 1}
     assert out["final"] == {"latest": 2, "entries": ["iter_0000001", "iter_0000002", "latest"]}
     assert out["step1"] == {"n": "replaced"}

@@ -224,7 +224,9 @@ def _materialise_adam_state(optimizer) -> None:
                 state = inner.state[p]
                 if state:
                     continue
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_param_device else "cpu")
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device if on_param_device else "cpu"
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group.get("amsgrad"):
@@ -253,7 +255,8 @@ def _load_optimizer_state(optimizer, state) -> None:
     if chained is None or len(chained) == 1:
         parts = [(optimizer if chained is None else chained[0], state)]
     else:
-        parts = list(zip(chained, [v for _, v in sorted(state.items())] if isinstance(state, dict) else state))
+        # ChainedOptimizer.sharded_state_dict keys its parts 0, 1, ... (MoE expert optimizers).
+        parts = [(opt, state[i]) for i, opt in enumerate(chained)]
     for opt, sub in parts:
         loader = _PARAM_STATE_LOADERS.get(sub.get("param_state_sharding_type"))
         inner = getattr(opt, "optimizer", None)
@@ -365,7 +368,9 @@ def save_checkpoint(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
-        raise ValueError(f"optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
+        raise ValueError(
+            f"optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}"
+        )
     extra_state = {} if extra_state is None else extra_state
     if not isinstance(extra_state, dict) or (bad := _non_json_path(extra_state)):
         where = "extra_state (must be a dict)" if not isinstance(extra_state, dict) else bad
