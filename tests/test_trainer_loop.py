@@ -229,16 +229,25 @@ def nonfinite_steps(rank, world_size, model_dir):
     half.advantages[0] = math.nan  # only the first mini-batch is poisoned
     out["results"].append(actor.train_step(half))
     out["after_half"] = params()
+    # A finite loss with a NaN gradient (e.g. an overflow inside backward) is skipped too.
+    param = next(p for p in actor.model[0].parameters() if p.requires_grad)
+    handle = param.register_hook(lambda g: g * math.nan)
+    before_nan_grad = params()
+    out["results"].append(actor.train_step(batch))
+    handle.remove()
+    out["nan_grad_unchanged"] = all(torch.equal(v, before_nan_grad[k]) for k, v in params().items())
     destroy_parallel()
     return out
 
 
-def test_actor_skips_the_optimizer_step_on_a_non_finite_loss(tmp_path):
+def test_actor_skips_the_optimizer_step_on_a_non_finite_loss_or_gradient(tmp_path):
     from test_megatron_actor import make_tiny_llama
 
     make_tiny_llama(tmp_path)
     (out,) = run_distributed(nonfinite_steps, 1, str(tmp_path))
-    nan_step, inf_step, half_step = out["results"]
+    nan_step, inf_step, half_step, nan_grad_step = out["results"]
+    assert math.isfinite(nan_grad_step["loss"]) and nan_grad_step["skipped_steps"] == 2
+    assert out["nan_grad_unchanged"]
     for r in (nan_step, inf_step):
         assert not math.isfinite(r["loss"]) and r["skipped_steps"] == 2
     for name, value in out["before"].items():

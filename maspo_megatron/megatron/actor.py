@@ -331,11 +331,28 @@ class Actor:
             lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant",
         )
+        self._guard_non_finite_grads()
         config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             config.no_sync_func = config.no_sync_func[0]
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
+
+    def _guard_non_finite_grads(self) -> None:
+        """Skip the update when a gradient is NaN/Inf, through megatron's own skip path.
+
+        megatron's optimizer looks for inf/NaN only under fp16 loss scaling; in bf16/fp32 it would
+        apply them. Reporting them as ``found_inf`` from ``prepare_grads`` makes ``step()`` return
+        ``(False, None, None)`` without touching the weights. Costs one extra grad-norm pass.
+        """
+        optimizer = self.optimizer
+        prepare = optimizer.prepare_grads
+
+        def prepare_and_check() -> bool:
+            found_inf = prepare()
+            return bool(found_inf) or not math.isfinite(float(optimizer.get_grad_norm()))
+
+        optimizer.prepare_grads = prepare_and_check
 
     # ------------------------------------------------------------------------------ passes
 
@@ -485,7 +502,8 @@ class Actor:
 
         ``batch`` must carry ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when
         ``kl_coef > 0``). Returns metrics averaged over mini-batches; a mini-batch whose loss is
-        not finite is skipped (no optimizer step) and counted in ``skipped_steps``.
+        not finite, or whose gradients are not, is skipped (no update) and counted in
+        ``skipped_steps``.
         """
         if self.optimizer is None:
             raise RuntimeError("this Actor was built with trainable=False")
@@ -512,7 +530,8 @@ class Actor:
             metrics = self._reduce_metrics(reduced)
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()
-                self.scheduler.step(increment=1)
+                if ok:  # as in Megatron-LM: a skipped update does not advance the LR schedule
+                    self.scheduler.step(increment=1)
                 metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                                skipped_steps=0.0 if ok else 1.0)
             else:
