@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from maspo_megatron.config import ConfigError
 from maspo_megatron.data import DataConfig, PromptDataset, load_tokenizer
 from maspo_megatron.generation import RolloutConfig, RolloutEngine
 from maspo_megatron.reward import RewardConfig, RewardPool
@@ -35,9 +36,9 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if not cfg.model_path:
-        raise ValueError("eval needs model_path=DIR (an HF model directory)")
+        raise ConfigError("eval needs model_path=DIR (an HF model directory)")
     if not cfg.data.eval_path:
-        raise ValueError("eval needs data.eval_path=FILE (.jsonl or .parquet)")
+        raise ConfigError("eval needs data.eval_path=FILE (.jsonl or .parquet)")
     tokenizer = load_tokenizer(cfg.model_path)
     dataset = PromptDataset(cfg.data.eval_path, cfg.data, tokenizer)
     prompts = [dataset[i] for i in range(min(len(dataset), cfg.max_prompts or len(dataset)))]
