@@ -61,6 +61,12 @@ def _default_nproc(cfg) -> int:
 
 def cmd_train(args) -> int:
     cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
+    # Checked here, before torchrun, so the message is not buried under every rank's traceback.
+    for key, path in (("model.path", cfg.model.path), ("data.train_path", cfg.data.train_path)):
+        if not path:
+            raise ConfigError(f"{key} must be set (recipe {args.recipe!r} leaves it empty)")
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}={path!r} does not exist")
     if not _under_torchrun():
         nproc = args.nproc_per_node or _default_nproc(cfg)
         return _relaunch_with_torchrun(nproc, ["train", "--recipe", args.recipe, *args.overrides])

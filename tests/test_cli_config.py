@@ -97,6 +97,9 @@ def test_trainer_config_overrides_and_validation():
 
 
 @pytest.mark.parametrize("argv, expected", [
+    (["train", "--recipe", "maspo_r1_distill_1_5b"], "model.path must be set"),
+    (["train", "--recipe", "tiny_cpu", "model.path=/no/such/dir", "data.train_path=/x"],
+     "model.path='/no/such/dir' does not exist"),
     (["train", "--recipe", "tiny_cpu", "nope=1"], "unknown config key 'nope'"),
     (["train", "--recipe", "tiny_cpu", "steps=ten"], "steps: expected int, got 'ten'"),
     (["train", "--recipe", "tiny_cpu", "actor.optimizer.lr=fast"],
@@ -117,18 +120,21 @@ def test_cli_rejects_bad_overrides_with_exit_code_2(argv, expected, capsys, tmp_
     assert not (tmp_path / "demo").exists()
 
 
-def test_commands_relaunch_under_torchrun_with_their_own_arguments(monkeypatch):
+def test_commands_relaunch_under_torchrun_with_their_own_arguments(monkeypatch, tmp_path):
     import maspo_megatron.cli as cli
 
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    paths = [f"model.path={tmp_path}", f"data.train_path={data}"]
     calls = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(cli, "_relaunch_with_torchrun", lambda nproc, argv: calls.append((nproc, argv)) or 0)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("sys.argv", ["pytest", "-q"])  # must not leak into the child's command line
-    assert main(["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo"]) == 0
+    assert main(["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo", *paths]) == 0
     assert main(["export-hf", "--checkpoint", "c", "--model", "m", "--out", "o", "--tp", "2"]) == 0
     # tiny_cpu is TP=2: two processes on a machine without GPUs.
     assert calls == [
-        (2, ["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo"]),
+        (2, ["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo", *paths]),
         (1, ["export-hf", "--checkpoint", "c", "--model", "m", "--out", "o", "--tp", "2", "--pp", "1"]),
     ]
