@@ -116,8 +116,6 @@ def test_command_builders():
 
 
 def test_weight_sync_config_errors():
-    with pytest.raises(NotImplementedError, match="update_weights_from_tensor"):
-        WeightSyncer(["http://x"], WeightSyncConfig(mode="colocated"))
     with pytest.raises(ValueError, match="disk_dir is required"):
         WeightSyncer(["http://x"], WeightSyncConfig(mode="disk"))
     with pytest.raises(ValueError, match="turn_barrier"):

@@ -17,6 +17,18 @@ Semantics copied from SGLang 0.5.x:
   ``{"type": "abort", "message": ...}`` and HTTP 200.
 - requests arriving while paused wait for ``/continue_generation``.
 
+- ``/update_weights_from_tensor`` (``--device cuda`` only): ``serialized_named_tensors[0]``
+  (this server is TP rank 0) holds CUDA-IPC handles, ``load_format`` "flattened_bucket" or
+  None; the tensors are mapped from the sender's memory and copied into the model before the
+  answer, so the sender may free them afterwards. On CPU it answers 400.
+- ``/release_memory_occupation`` / ``/resume_memory_occupation`` with ``tags`` (None or [] =
+  all of "kv_cache", "weights", "cuda_graph"): as SGLang's memory saver, releasing "weights"
+  frees their device memory and, unless the server runs with ``--weights-cpu-backup``
+  (SGLang's ``--enable-weights-cpu-backup``), forgets their values: after resume they are NaN
+  (SGLang's are undefined) until the trainer syncs new ones. There is no KV pool here, so
+  "kv_cache" and "cuda_graph" only change state. While any tag is released, /generate and
+  weight updates into released weights answer 400 instead of computing garbage.
+
 Execution: one model thread runs generation jobs and weight updates in arrival order, so a
 request never sees weights change half-way (SGLang's model_update_lock gives the same guarantee).
 """
@@ -40,8 +52,9 @@ import torch.distributed as dist
 from aiohttp import web
 
 from maspo_megatron.rollout.protocol import (
-    SAMPLING_EPS, ProtocolError, SamplingParams, bucket_layout, destroy_weight_update_group,
-    init_weight_update_group, unflatten_bucket,
+    GPU_MEMORY_TAGS, SAMPLING_EPS, ProtocolError, SamplingParams, bucket_from_payload,
+    bucket_layout, destroy_weight_update_group, init_weight_update_group, loads_ipc_payload,
+    named_tensors_from_payload, unflatten_bucket,
 )
 
 logger = logging.getLogger("maspo_megatron.cpu_server")
@@ -62,14 +75,22 @@ class _Retracted(Exception):
     """A job interrupted by pause(mode="retract"); the handler re-runs it after continue."""
 
 
+class _Released(Exception):
+    """A job that arrived while memory was released (a 400 naming the fix)."""
+
+
 class CPUEngine:
     """The model plus its weight-update groups. Every method runs on the single model thread."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, device: str = "cpu", weights_cpu_backup: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.model_path = model_path
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: CUDA is not available in this process")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model = self.model.to(self.device).eval()
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)
         self.max_context = int(getattr(cfg, "max_position_embeddings", 1 << 30))
@@ -77,17 +98,25 @@ class CPUEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         # state_dict(keep_vars) lists tied weights under every name (lm_head.weight too).
         self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self.shapes = {name: tuple(t.shape) for name, t in self.params.items()}
+        self.weights_cpu_backup = weights_cpu_backup
+        self.released: set[str] = set()  # GPU_MEMORY_TAGS currently released
+        self._backup: dict[int, torch.Tensor] = {}
         self.groups: dict[str, Any] = {}
         self.abort_event = threading.Event()  # set by pause(mode="abort"/"retract")
         self.retract = False
 
     # ------------------------------------------------------------------ generation
     def _forward(self, ids: list[int], past):
-        out = self.model(input_ids=torch.tensor([ids]), cache=past, use_cache=True)
-        return out.logits[0].float(), out.cache
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=past, use_cache=True)
+        # Sampling runs on the CPU with a CPU generator: same seeds, same samples on any device.
+        return out.logits[0].float().cpu(), out.cache
 
     @torch.no_grad()
     def run(self, job: _Job) -> dict[str, Any]:
+        if self.released:
+            raise _Released(f"memory is released ({sorted(self.released)}); call "
+                            "/resume_memory_occupation before generating")
         p = job.params
         ids = job.input_ids
         gen = torch.Generator()
@@ -146,14 +175,17 @@ class CPUEngine:
 
     # ------------------------------------------------------------------ weights
     def _load(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        if "weights" in self.released:
+            raise ValueError("weights are released (release_memory_occupation); resume them "
+                             "with /resume_memory_occupation tags=['weights'] before updating")
         missing = [n for n, _ in named if n not in self.params]
         if missing:
             raise ValueError(f"unknown parameter names {missing[:5]}; the model has e.g. "
                              f"{list(self.params)[:3]}")
         for name, t in named:
-            if tuple(t.shape) != tuple(self.params[name].shape):
+            if tuple(t.shape) != self.shapes[name]:
                 raise ValueError(f"shape of {name!r} is {list(t.shape)}, the model's is "
-                                 f"{list(self.params[name].shape)}")
+                                 f"{list(self.shapes[name])}")
         with torch.no_grad():
             for name, t in named:
                 self.params[name].copy_(t)
@@ -208,6 +240,72 @@ class CPUEngine:
             self._load(list(load_file(f).items()))
         return f"Succeeded to update model weights from {path}."
 
+    def update_from_tensor(self, req: dict[str, Any]) -> str:
+        if self.device.type != "cuda":
+            raise ValueError(
+                "update_weights_from_tensor passes CUDA-IPC handles, and this server's model is "
+                f"on {self.device}: start it with --device cuda on the trainer's GPU, or use "
+                "update_weights_from_distributed / update_weights_from_disk")
+        entries = req["serialized_named_tensors"]
+        if not isinstance(entries, list) or not entries:
+            raise ProtocolError("serialized_named_tensors must be a non-empty list with one "
+                                "entry per TP rank of the server")
+        payload = loads_ipc_payload(entries[0])  # this server is TP rank 0 of 1
+        fmt = req.get("load_format")
+        if fmt == "flattened_bucket":
+            named = unflatten_bucket(*bucket_from_payload(payload))
+        elif fmt is None:
+            named = named_tensors_from_payload(payload)
+        else:
+            raise ValueError(f"load_format {fmt!r} is not supported; use 'flattened_bucket' "
+                             "or omit it")
+        self._load(named)
+        # The copies into the model are queued on this process's stream; finish them before
+        # answering, since the sender frees its buffer once it has the answer.
+        torch.cuda.synchronize(self.device)
+        return "Success"
+
+    def _tags(self, req: dict[str, Any]) -> list[str]:
+        tags = req.get("tags") or list(GPU_MEMORY_TAGS)
+        if not isinstance(tags, list) or any(t not in GPU_MEMORY_TAGS for t in tags):
+            raise ProtocolError(f"tags must be a list drawn from {list(GPU_MEMORY_TAGS)}, got {tags!r}")
+        return tags
+
+    def _unique_weights(self) -> list[torch.Tensor]:
+        return list({id(t): t for t in self.params.values()}.values())  # tied weights once
+
+    def release_memory(self, req: dict[str, Any]) -> str:
+        tags = self._tags(req)
+        again = sorted(self.released.intersection(tags))
+        if again:
+            raise ValueError(f"memory {again} is already released")
+        if "weights" in tags:
+            for t in self._unique_weights():
+                if self.weights_cpu_backup:
+                    self._backup[id(t)] = t.data.to("cpu", copy=True)
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.released.update(tags)
+        return f"Released memory {tags}."
+
+    def resume_memory(self, req: dict[str, Any]) -> str:
+        tags = self._tags(req)
+        missing = sorted(set(tags) - self.released)
+        if missing:
+            raise ValueError(f"memory {missing} is not released")
+        if "weights" in tags:
+            shapes = {id(t): self.shapes[name] for name, t in self.params.items()}
+            for t in self._unique_weights():
+                backup = self._backup.pop(id(t), None)
+                t.data = (backup.to(t.device) if backup is not None else
+                          torch.full(shapes[id(t)], float("nan"), dtype=t.dtype, device=t.device))
+        self.released.difference_update(tags)
+        return f"Resumed memory {tags}."
+
+    def memory_allocated(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def destroy_group(self, req: dict[str, Any]) -> str:
         name = req.get("group_name", DEFAULT_GROUP)
         if name not in self.groups:
@@ -218,6 +316,8 @@ class CPUEngine:
     def get_weights(self, name: str, truncate_size: int) -> list:
         if name not in self.params:
             raise KeyError(name)
+        if "weights" in self.released:
+            raise ValueError(f"cannot read {name!r}: weights are released")
         return self.params[name].detach().float().tolist()[:truncate_size]
 
 
@@ -246,8 +346,9 @@ def _result(success: bool, message: str, **extra) -> web.Response:
 
 class CPUServer:
     def __init__(self, model_path: str, *, api_key: str | None = None,
-                 weight_update_timeout_s: float = 600.0):
-        self.engine = CPUEngine(model_path)
+                 weight_update_timeout_s: float = 600.0, device: str = "cpu",
+                 weights_cpu_backup: bool = False):
+        self.engine = CPUEngine(model_path, device, weights_cpu_backup)
         self.api_key = api_key
         self.weight_version = "default"  # SGLang's initial weight_version
         self.weight_update_timeout_s = weight_update_timeout_s
@@ -281,6 +382,10 @@ class CPUServer:
         r.add_post("/update_weights_from_disk", self.update_from_disk)
         r.add_post("/update_weights_from_tensor", self.update_from_tensor)
         r.add_post("/update_weight_version", self.update_weight_version)
+        for path, handler in (("/release_memory_occupation", self.release_memory),
+                              ("/resume_memory_occupation", self.resume_memory)):
+            r.add_route("GET", path, handler)
+            r.add_route("POST", path, handler)
         r.add_route("*", "/get_weights_by_name", self.get_weights_by_name)
         return app
 
@@ -367,6 +472,8 @@ class CPUServer:
             try:
                 outs = await self._on_model_thread(self._run_jobs, jobs)
                 break
+            except _Released as e:
+                return _error(str(e))
             except _Retracted:
                 continue  # retract: start over from scratch after /continue_generation
         rid = body.get("rid") or uuid.uuid4().hex
@@ -397,7 +504,10 @@ class CPUServer:
     async def server_info(self, request):
         return web.json_response({
             "model_path": self.engine.model_path, "tp_size": 1, "dp_size": 1, "pp_size": 1,
-            "device": "cpu", "skip_tokenizer_init": True, "weight_version": self.weight_version,
+            "device": self.engine.device.type, "skip_tokenizer_init": True,
+            "weight_version": self.weight_version,
+            "released_memory_tags": sorted(self.engine.released),
+            "device_memory_allocated": await self._on_model_thread(self.engine.memory_allocated),
             "max_total_num_tokens": self.engine.max_context, "internal_states": [{}],
             "version": "maspo-megatron-cpu-server",
         })
@@ -464,8 +574,23 @@ class CPUServer:
                                      fields=("model_path",), num_paused_requests=0)
 
     async def update_from_tensor(self, request):
-        return _result(False, "update_weights_from_tensor passes CUDA-IPC handles and is not "
-                              "available on the CPU server; use update_weights_from_distributed")
+        return await self._weight_op(request, self.engine.update_from_tensor,
+                                     fields=("serialized_named_tensors",))
+
+    async def _memory_op(self, request, fn):
+        # SGLang answers 200 on success and 400 {"error": {"message"}} on failure.
+        try:
+            message = await self._on_model_thread(fn, await self._json(request))
+        except (ProtocolError, ValueError) as e:
+            logger.error("%s failed: %s", request.path, e)
+            return _error(f"{request.path.strip('/')}: {e}")
+        return web.json_response({"success": True, "message": message})
+
+    async def release_memory(self, request):
+        return await self._memory_op(request, self.engine.release_memory)
+
+    async def resume_memory(self, request):
+        return await self._memory_op(request, self.engine.resume_memory)
 
     async def update_weight_version(self, request):
         try:
@@ -498,12 +623,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--weight-update-timeout", type=float, default=600.0,
                     help="seconds before a weight-update collective gives up")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model lives; cuda enables /update_weights_from_tensor (CUDA-IPC)")
+    ap.add_argument("--weights-cpu-backup", action="store_true",
+                    help="keep a CPU copy of released weights (SGLang's --enable-weights-cpu-backup)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cpu_server %(message)s")
     torch.set_num_threads(args.threads)
     server = CPUServer(args.model_path, api_key=args.api_key,
-                       weight_update_timeout_s=args.weight_update_timeout)
-    logger.info("serving %s on %s:%d", args.model_path, args.host, args.port)
+                       weight_update_timeout_s=args.weight_update_timeout, device=args.device,
+                       weights_cpu_backup=args.weights_cpu_backup)
+    logger.info("serving %s on %s (%s):%d", args.model_path, args.host, args.device, args.port)
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
 
 

@@ -16,12 +16,22 @@ two cannot drift apart. Behaviour follows SGLang 0.5.x (python/sglang/srt):
   and owns the TCP store, engines join at ``rank_offset + tp_rank``.
 - errors: 400 with ``{"error": {"message": ...}}`` for bad /generate input; weight endpoints answer
   ``{"success": bool, "message": str}`` with 200 or 400.
+- ``/update_weights_from_tensor`` payloads: base64 ``ForkingPickler`` pickles of CUDA-IPC
+  handles (device as GPU UUID), bucket metadata pickled as SGLang's ``FlattenedTensorMetadata``
+  (see "CUDA-IPC payloads" below).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import math
+import pickle
+import sys
+import threading
+import types
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterable, Sequence
@@ -307,3 +317,235 @@ def init_weight_update_group(*, backend: str, master_address: str, master_port: 
 
 def destroy_weight_update_group(group) -> None:
     torch.distributed.destroy_process_group(group)
+
+
+# --------------------------------------------------------------------------- CUDA-IPC payloads
+# ``/update_weights_from_tensor`` (SGLang srt/entrypoints/http_server.py) takes
+# ``serialized_named_tensors``: one string per TP rank of the server, each the base64 of a
+# ``ForkingPickler`` pickle (srt/utils ``MultiprocessingSerializer.serialize(output_str=True)``).
+# With ``load_format="flattened_bucket"`` the pickle holds
+# ``{"flattened_tensor": <uint8 CUDA tensor>, "metadata": [FlattenedTensorMetadata, ...]}``
+# (srt/weight_sync/tensor_bucket.py: byte offsets ``start_idx``/``end_idx``, ``numel`` in bytes);
+# with ``load_format=None`` a list of ``(name, tensor)``. A CUDA tensor pickles as torch's
+# ``rebuild_cuda_tensor`` plus an IPC handle; SGLang's ``monkey_patch_torch_reductions`` replaces
+# the device index (argument 6) by the GPU's UUID, because processes with different
+# ``CUDA_VISIBLE_DEVICES`` number the same GPU differently. SGLang unpickles with an allowlist
+# (``SafeUnpickler``: torch.*, builtins, sglang.srt.weight_sync.tensor_bucket.*, ...), so the
+# metadata must be pickled under SGLang's class name, not ours.
+SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+# srt/constants.py GPU_MEMORY_ALL_TYPES: what /release_memory_occupation releases without tags.
+GPU_MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+_DEVICE_ARG = 6  # position of the device in torch's rebuild_cuda_tensor arguments
+
+
+@dataclass
+class FlattenedTensorMetadata:
+    """Wire form of one tensor of a flattened bucket; pickled as SGLang's class of this name."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+FlattenedTensorMetadata.__module__ = SGLANG_BUCKET_MODULE
+
+_lend_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sglang_module_lent():
+    """Makes SGLang's bucket module name resolve to ours while a payload is pickled.
+
+    pickle stores a class by module + name and checks that importing them gives the class
+    back; without SGLang installed (the usual trainer image) the module name is lent for the
+    duration of the dump only. With SGLang imported, its own class is used (see
+    :func:`bucket_payload`).
+    """
+    with _lend_lock:
+        if SGLANG_BUCKET_MODULE in sys.modules:
+            yield
+            return
+        # pickle imports the name without a fromlist, so the parent packages must resolve too.
+        parts = SGLANG_BUCKET_MODULE.split(".")
+        lent = {}
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name not in sys.modules:
+                lent[name] = sys.modules[name] = types.ModuleType(name)
+                lent[name].__path__ = []
+            if i > 1:
+                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], sys.modules[name])
+        sys.modules[SGLANG_BUCKET_MODULE].FlattenedTensorMetadata = FlattenedTensorMetadata
+        try:
+            yield
+        finally:
+            for name, module in lent.items():
+                if sys.modules.get(name) is module:
+                    del sys.modules[name]
+
+
+def _device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _reduce_cuda_tensor_by_uuid(tensor: torch.Tensor):
+    """torch's CUDA-IPC reduction with the device index replaced by the GPU's UUID (as SGLang's
+    patched ``reduce_tensor``), without patching torch for the rest of the process."""
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if isinstance(args[_DEVICE_ARG], int):
+        args = (*args[:_DEVICE_ARG], _device_uuid(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+def dumps_ipc_payload(obj: Any) -> str:
+    """``MultiprocessingSerializer.serialize(obj, output_str=True)`` as SGLang's patched torch
+    would write it: CUDA tensors become IPC handles tagged with their GPU's UUID."""
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table[torch.Tensor] = _reduce_cuda_tensor_by_uuid
+    with _sglang_module_lent():
+        pickler.dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def bucket_payload(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> dict[str, Any]:
+    """The object SGLang's ``_update_weights_from_flattened_bucket`` expects for a bucket."""
+    real = sys.modules.get(SGLANG_BUCKET_MODULE)
+    cls = real.FlattenedTensorMetadata if real is not None else FlattenedTensorMetadata
+    return {"flattened_tensor": flat,
+            "metadata": [cls(name=m.name, shape=torch.Size(m.shape), dtype=m.dtype,
+                             start_idx=m.start, end_idx=m.end, numel=m.end - m.start)
+                         for m in metas]}
+
+
+def serialize_ipc_bucket(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> str:
+    """One ``serialized_named_tensors`` entry for ``load_format="flattened_bucket"``.
+
+    ``flat`` (from :func:`flatten_bucket`) must be a CUDA tensor and must stay alive, unchanged,
+    until the server has answered: the server maps its memory, it gets no copy.
+    """
+    if not flat.is_cuda:
+        raise ValueError(f"a CUDA-IPC bucket must live on a CUDA device, got {flat.device}")
+    if flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise ValueError("a flattened bucket is a 1-D uint8 tensor (see flatten_bucket)")
+    return dumps_ipc_payload(bucket_payload(flat, metas))
+
+
+def _rebuild_cuda_tensor_by_uuid(*args):
+    """Receiver side of :func:`_reduce_cuda_tensor_by_uuid`: accepts a UUID or an index."""
+    from torch.multiprocessing import reductions
+
+    device = args[_DEVICE_ARG]
+    if isinstance(device, str):
+        matches = [i for i in range(torch.cuda.device_count()) if _device_uuid(i) == device]
+        if not matches:
+            raise ProtocolError(f"the payload's tensor lives on GPU {device}, which this process "
+                                f"cannot see (CUDA_VISIBLE_DEVICES?); CUDA-IPC needs the same node")
+        args = (*args[:_DEVICE_ARG], matches[0], *args[_DEVICE_ARG + 1:])
+    return reductions.rebuild_cuda_tensor(*args)
+
+
+@dataclass
+class LocalSerializedTensor:
+    """SGLang's per-TP-rank wrapper in ``load_format=None`` payloads: ``values[tp_rank]`` is the
+    serialized tensor for that rank (model_runner.py)."""
+
+    values: list
+
+
+_PAYLOAD_DENY = {("builtins", "eval"), ("builtins", "exec"), ("builtins", "compile"),
+                 ("builtins", "__import__"), ("builtins", "getattr"), ("builtins", "open")}
+
+
+class _PayloadUnpickler(pickle.Unpickler):
+    """Loads only what a weight payload contains (the spirit of SGLang's SafeUnpickler), and
+    maps SGLang's class and rebuild-function names onto ours."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("sglang.") and name == "FlattenedTensorMetadata":
+            return FlattenedTensorMetadata
+        if module.startswith("sglang.") and name == "LocalSerializedTensor":
+            return LocalSerializedTensor
+        if name in ("rebuild_cuda_tensor", "_rebuild_cuda_tensor_modified") and (
+                module == "torch.multiprocessing.reductions" or module.startswith("sglang.")):
+            return _rebuild_cuda_tensor_by_uuid
+        allowed = module == "torch" or module.startswith("torch.") or module in ("builtins", "copyreg")
+        if allowed and (module, name) not in _PAYLOAD_DENY:
+            return super().find_class(module, name)
+        raise ProtocolError(f"serialized_named_tensors refers to {module}.{name}, which a weight "
+                            "payload may not contain")
+
+
+def loads_ipc_payload(data: str | bytes) -> Any:
+    """Inverse of :func:`dumps_ipc_payload` (``MultiprocessingSerializer.deserialize``)."""
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except ValueError as e:
+            raise ProtocolError(f"serialized_named_tensors entry is not base64: {e}") from e
+    try:
+        return _PayloadUnpickler(io.BytesIO(data)).load()
+    except ProtocolError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ProtocolError(f"serialized_named_tensors entry is not a valid payload: {e}") from e
+
+
+def bucket_from_payload(obj: Any) -> tuple[torch.Tensor, list[TensorMeta]]:
+    """Checks a deserialized ``flattened_bucket`` payload; returns the buffer and its layout."""
+    if not isinstance(obj, dict) or not {"flattened_tensor", "metadata"} <= set(obj):
+        raise ProtocolError("a flattened_bucket payload is a dict with 'flattened_tensor' and "
+                            f"'metadata', got {type(obj).__name__}"
+                            + (f" with keys {sorted(obj)}" if isinstance(obj, dict) else ""))
+    flat, wire = obj["flattened_tensor"], obj["metadata"]
+    if not isinstance(flat, torch.Tensor) or flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise ProtocolError("flattened_tensor must be a 1-D uint8 tensor, got "
+                            + (f"{flat.dtype} of shape {list(flat.shape)}"
+                               if isinstance(flat, torch.Tensor) else type(flat).__name__))
+    metas = []
+    for i, m in enumerate(wire):
+        where = f"metadata[{i}]"
+        try:
+            name, shape, dtype = m.name, tuple(int(s) for s in m.shape), m.dtype
+            start, end, numel = int(m.start_idx), int(m.end_idx), int(m.numel)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ProtocolError(f"{where} is not a FlattenedTensorMetadata: {e}") from e
+        if not isinstance(dtype, torch.dtype):
+            raise ProtocolError(f"{where} ({name!r}): dtype must be a torch.dtype, got {dtype!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes or numel != nbytes or not 0 <= start <= end <= flat.numel():
+            raise ProtocolError(
+                f"{where} ({name!r}): bytes [{start}, {end}) with numel {numel} do not fit "
+                f"shape {list(shape)} of {dtype_to_str(dtype)} ({nbytes} bytes) inside a "
+                f"{flat.numel()}-byte bucket")
+        if start % torch.empty((), dtype=dtype).element_size():
+            raise ProtocolError(f"{where} ({name!r}) starts at byte {start}, not aligned for "
+                                f"{dtype_to_str(dtype)}")
+        metas.append(TensorMeta(name, shape, dtype, start, end))
+    return flat, metas
+
+
+def named_tensors_from_payload(obj: Any, tp_rank: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """Checks a deserialized ``load_format=None`` payload: ``(name, tensor)`` pairs, where a
+    tensor may be a :class:`LocalSerializedTensor` holding one serialized tensor per TP rank."""
+    if not isinstance(obj, (list, tuple)):
+        raise ProtocolError(f"a load_format=None payload is a list of (name, tensor), got "
+                            f"{type(obj).__name__}")
+    out = []
+    for i, item in enumerate(obj):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ProtocolError(f"payload[{i}] must be a (name, tensor) pair")
+        name, t = item
+        if isinstance(t, LocalSerializedTensor):
+            t = loads_ipc_payload(t.values[tp_rank])
+        if not isinstance(t, torch.Tensor):
+            raise ProtocolError(f"payload[{i}] ({name!r}) is {type(t).__name__}, not a tensor")
+        out.append((name, t))
+    return out

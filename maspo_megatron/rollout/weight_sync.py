@@ -9,7 +9,16 @@ streamed, so the whole model never has to sit in one place. Modes (``WeightSyncC
   buckets of at most ``bucket_bytes`` (one oversized tensor travels alone) and broadcast while
   ``/update_weights_from_distributed`` calls for the same bucket are in flight on other threads.
 - ``"disk"``: each sender writes an HF safetensors shard, then ``/update_weights_from_disk``.
-- ``"colocated"``: CUDA-IPC ``/update_weights_from_tensor`` — not implemented (raises).
+- ``"colocated"``: the servers share the sender's GPU (node). Each bucket is flattened on the
+  sender's GPU and handed over as a CUDA-IPC handle (``/update_weights_from_tensor``,
+  ``load_format="flattened_bucket"``, one serialized entry per engine rank, payload as SGLang's
+  ``MultiprocessingSerializer`` writes it: see protocol.py); the server copies from the mapped
+  memory, so no bytes cross a network and the bucket is freed as soon as the server answered.
+  ``release_memory(tags)`` / ``resume_memory(tags)`` free the servers' GPU memory around
+  training (``/release_memory_occupation``; SGLang needs ``--enable-memory-saver``). Order per
+  step: rollout → ``release_memory()`` → train → ``resume_memory(["weights"])`` → ``sync`` →
+  ``resume_memory(["kv_cache", "cuda_graph"])`` → rollout, so the KV cache is not back on the
+  GPU while the trainer still holds its buckets. Needs CUDA.
 
 Every sync: pause generation (mode "abort"; the rollout client re-sends aborted samples), send,
 verify, then ``/update_weight_version`` to the step and ``/continue_generation``. Verification
@@ -54,8 +63,8 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.rollout.protocol import (
-    destroy_weight_update_group, dtype_to_str, error_message, flatten_bucket,
-    init_weight_update_group, order_for_alignment,
+    GPU_MEMORY_TAGS, destroy_weight_update_group, dtype_to_str, error_message, flatten_bucket,
+    init_weight_update_group, order_for_alignment, serialize_ipc_bucket,
 )
 from maspo_megatron.rollout.servers import free_port
 from maspo_megatron.tensors import bucket_named_tensors
@@ -67,8 +76,14 @@ MODES = ("distributed", "disk", "colocated")
 
 @dataclass
 class WeightSyncConfig:
-    mode: str = "distributed"  # "distributed" | "disk" | "colocated"
-    bucket_bytes: int = 512 << 20  # flattened_bucket size limit
+    """How weights reach the servers (see the module docstring for each mode)."""
+
+    # "distributed": broadcast in a weight-update group (servers anywhere; NCCL or gloo);
+    # "disk": safetensors + /update_weights_from_disk; "colocated": CUDA-IPC handles through
+    # /update_weights_from_tensor (servers on the sender's GPU/node; needs CUDA).
+    mode: str = "distributed"
+    # flattened_bucket size limit; in colocated mode also the extra GPU memory the sync needs.
+    bucket_bytes: int = 512 << 20
     backend: str | None = None  # None: "nccl" when CUDA is available, else "gloo"
     master_address: str = "127.0.0.1"  # this sender's address as the servers reach it
     master_port: int = 0  # 0: a free port (per sender)
@@ -199,13 +214,10 @@ class WeightSyncer:
                  turn_barrier: Callable[[bool], bool] | None = None):
         self.config = config or WeightSyncConfig()
         self.config.validate()
-        if self.config.mode == "colocated":
-            raise NotImplementedError(
-                "WeightSyncConfig.mode='colocated' (CUDA-IPC /update_weights_from_tensor with "
-                "flattened_bucket payloads pickled as SGLang's FlattenedTensorMetadata, plus "
-                "/release_memory_occupation and /resume_memory_occupation around training) is "
-                "not implemented; use mode='distributed'"
-            )
+        if self.config.mode == "colocated" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "WeightSyncConfig.mode='colocated': colocated mode needs CUDA tensors (CUDA-IPC) "
+                "and this process sees no CUDA device; use mode='distributed' or 'disk'")
         if not server_urls:
             raise ValueError("WeightSyncer needs at least one server URL (not the router's: "
                              "weight-update endpoints answer 404 through sglang-router)")
@@ -223,7 +235,8 @@ class WeightSyncer:
         self.sender_index, self.num_senders = sender_index, num_senders
         self.turn_barrier = turn_barrier
         self.backend = self.config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+        on_gpu = self.backend == "nccl" or self.config.mode == "colocated"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
             else torch.device("cpu")
         self.group = None
         self.group_name = ""  # set by connect()
@@ -307,6 +320,27 @@ class WeightSyncer:
             destroy_weight_update_group(self.group)
             self.group = None
 
+    # ------------------------------------------------------------------ memory
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Frees the servers' GPU memory (``/release_memory_occupation``) so the colocated
+        trainer can use it; ``tags`` from "kv_cache", "weights", "cuda_graph" (None: all).
+        Pause generation first: SGLang refuses unless idle. Call from one sender only."""
+        self._memory_op("/release_memory_occupation", tags)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocates what ``release_memory`` freed (``/resume_memory_occupation``). Resumed
+        weights hold stale or undefined values until the next ``sync``."""
+        self._memory_op("/resume_memory_occupation", tags)
+
+    def _memory_op(self, path: str, tags: Sequence[str] | None) -> None:
+        if tags is not None:
+            bad = [t for t in tags if t not in GPU_MEMORY_TAGS]
+            if bad or not tags:
+                raise ValueError(f"{path.strip('/')}: tags must be drawn from "
+                                 f"{list(GPU_MEMORY_TAGS)} (or None for all), got {list(tags)}")
+        self._post_all(path, {"tags": None if tags is None else list(tags)},
+                       self.config.http_timeout_s, path.strip("/"))
+
     # ------------------------------------------------------------------ sync
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | str) -> SyncStats:
         """Sends this sender's tensors to every server; ``version`` becomes their weight_version.
@@ -326,6 +360,8 @@ class WeightSyncer:
             if lead else None, errors)
         if cfg.mode == "distributed":
             ok = self._in_turns(lambda: self._send_distributed(named_tensors, sampler, stats), ok, errors)
+        elif cfg.mode == "colocated":
+            ok = self._in_turns(lambda: self._send_colocated(named_tensors, sampler, stats), ok, errors)
         else:
             path = os.path.join(cfg.disk_dir, f"weights_v{version}")
             ok = self._step(ok, lambda: self._write_shard(named_tensors, sampler, stats, path), errors)
@@ -379,6 +415,36 @@ class WeightSyncer:
             stats.bytes += flat.numel()
             stats.tensors += len(metas)
             stats.buckets += 1
+
+    def _send_colocated(self, named, sampler: _Sampler, stats: SyncStats) -> None:
+        cfg = self.config
+        try:
+            for bucket in iter_buckets(named, cfg.bucket_bytes):
+                for name, t in bucket:
+                    sampler.offer(name, t)
+                flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
+                # The server reads the buffer on its own stream: the copies into it must be done.
+                torch.cuda.synchronize(self.device)
+                what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
+                futs = []
+                for url, ranks in zip(self.urls, self.engine_ranks):
+                    # One entry per engine rank, each its own IPC share (as SGLang's Engine does).
+                    payload = {"serialized_named_tensors": [serialize_ipc_bucket(flat, metas)
+                                                            for _ in range(ranks)],
+                               "load_format": "flattened_bucket", "flush_cache": False}
+                    futs.append(_spawn(post_json, url, "/update_weights_from_tensor", payload,
+                                       cfg.timeout_s, self.api_key, what))
+                # flat stays referenced until every server has answered (or failed): they map
+                # its memory, they do not get a copy.
+                self._wait(futs, self.urls, cfg.timeout_s + 5.0, f"update_weights_from_tensor, {what}")
+                stats.bytes += flat.numel()
+                stats.tensors += len(metas)
+                stats.buckets += 1
+                del flat
+        finally:
+            # Free the shared blocks the servers have let go of (torch keeps IPC-shared
+            # memory until every consumer dropped it).
+            torch.cuda.ipc_collect()
 
     def _write_shard(self, named, sampler: _Sampler, stats: SyncStats, path: str) -> None:
         from safetensors.torch import save_file
