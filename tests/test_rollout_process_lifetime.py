@@ -37,3 +37,20 @@ def test_server_dies_when_its_parent_is_killed():
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the server outlived its killed parent")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_started_from_a_short_lived_thread_outlives_the_thread():
+    import threading
+
+    from maspo_megatron.rollout.servers import ManagedProcess
+
+    p = ManagedProcess(["sleep", "30"], "http://127.0.0.1:1", None)
+    t = threading.Thread(target=p.start)  # e.g. the watcher restarting a server, then stopped
+    t.start()
+    t.join()
+    time.sleep(1.0)
+    try:
+        assert p.alive, "the server died with the thread that started it"
+    finally:
+        p.kill()

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -108,12 +109,18 @@ def _die_with_parent() -> None:
     The servers run in their own session (so ``stop`` can end their children), which also
     shields them from the signals that end the trainer; without this, a trainer killed with
     SIGKILL (OOM killer, scancel, a crashed torchrun rank) would leave them running.
+    Linux ties this to the *thread* that forked, hence ``_SPAWNER``.
     """
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# Every server is forked from this one long-lived thread, so the parent-death signal fires when
+# the process ends and not when, say, the watcher thread that restarted a server is stopped.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-spawner")
 
 
 class ManagedProcess:
@@ -126,9 +133,10 @@ class ManagedProcess:
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env=self.env, start_new_session=True,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None).result()
         finally:
             if self.log_path:
                 out.close()
