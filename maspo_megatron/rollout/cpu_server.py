@@ -57,6 +57,19 @@ from maspo_megatron.rollout.protocol import (
     named_tensors_from_payload, unflatten_bucket,
 )
 
+
+def _cache_field() -> str:
+    # transformers renamed the KV-cache argument and output field from ``past_key_values`` to
+    # ``cache`` during 5.x; the server runs on either side of the rename.
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+_CACHE_FIELD = _cache_field()
+
 logger = logging.getLogger("maspo_megatron.cpu_server")
 
 DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name
@@ -108,9 +121,10 @@ class CPUEngine:
 
     # ------------------------------------------------------------------ generation
     def _forward(self, ids: list[int], past):
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=past, use_cache=True)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                         **{_CACHE_FIELD: past})
         # Sampling runs on the CPU with a CPU generator: same seeds, same samples on any device.
-        return out.logits[0].float().cpu(), out.cache
+        return out.logits[0].float().cpu(), getattr(out, _CACHE_FIELD)
 
     @torch.no_grad()
     def run(self, job: _Job) -> dict[str, Any]:
