@@ -29,6 +29,9 @@ class RolloutConfig:
     """Running servers to attach to (e.g. a Slurm het-job component); empty: launch ``engine``."""
     engine: str = "sglang"
     """What to launch when ``server_urls`` is empty: ``sglang`` or ``cpu`` (the CPU server)."""
+    cpu_server_device: str = "cpu"
+    """Where the ``cpu`` engine's HF model runs: ``cpu``, or ``cuda`` (small-scale GPU runs,
+    and colocated CUDA-IPC weight sync without SGLang)."""
     num_servers: int = 1
     sglang_tp: int = 1
     """Tensor-parallel size of each SGLang server."""
@@ -53,6 +56,8 @@ class RolloutConfig:
             raise ValueError("rollout.n_samples must be >= 2 (group-relative advantages need a group)")
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 (the trainer's log-probs use it)")
+        if self.cpu_server_device not in ("cpu", "cuda"):
+            raise ValueError(f"rollout.cpu_server_device must be 'cpu' or 'cuda', got {self.cpu_server_device!r}")
 
 
 @dataclass
@@ -83,7 +88,8 @@ class RolloutEngine:
             self.servers.wait_healthy(self.servers.urls)
         else:
             if cfg.engine == "cpu":
-                factory = lambda port: cpu_server_command(model_path, port)  # noqa: E731
+                factory = lambda port: cpu_server_command(  # noqa: E731
+                    model_path, port, extra_args=["--device", cfg.cpu_server_device])
             else:
                 scfg = SGLangServerConfig(model_path=model_path, tp_size=cfg.sglang_tp,
                                           mem_fraction_static=cfg.mem_fraction_static)

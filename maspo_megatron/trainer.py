@@ -404,6 +404,7 @@ class Trainer:
                 print(f"step {step + 1}: no informative prompt groups; no update this step", flush=True)
             return info if self.is_driver else None
         batch = broadcast_batch(batch)
+        self.publisher.release_rollout_memory()
         t1 = time.perf_counter()
         batch.old_logprobs, entropy = self.actor.compute_logprobs(batch, entropy=True)
         if self.ref is not None:

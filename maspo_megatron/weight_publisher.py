@@ -25,6 +25,7 @@ class WeightPublisher:
 
         from maspo_megatron.runtime import device
 
+        self.colocated = cfg.mode == "colocated"
         self.in_export = ps.get_data_parallel_rank() == 0
         self.is_sender = self.in_export and ps.get_tensor_model_parallel_rank() == 0
         pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -40,9 +41,30 @@ class WeightPublisher:
             self.syncer = WeightSyncer(server_urls, cfg, engine_ranks_per_server=engine_ranks_per_server,
                                        sender_index=pp_rank, num_senders=pp_size, turn_barrier=barrier)
 
+    @property
+    def _lead(self) -> bool:
+        return self.syncer is not None and self.syncer.sender_index == 0
+
+    def release_rollout_memory(self) -> None:
+        """Colocated mode: the servers free their GPU memory for training (collective)."""
+        if not self.colocated:
+            return
+        if self._lead:
+            self.syncer.release_memory()
+        # No rank may allocate for training before the servers have let go.
+        dist.barrier()
+
     def publish(self, model, version: int) -> float:
-        """Sends the weights; returns the sync's GB/s as measured by global rank 0."""
+        """Sends the weights; returns the sync's GB/s as measured by global rank 0.
+
+        Colocated mode: the servers' weight memory comes back first, their KV cache after the
+        new weights are in (SGLang's documented order).
+        """
         gbps = [0.0]
+        if self.colocated and self._lead:
+            self.syncer.resume_memory(["weights"])
+        if self.colocated:
+            dist.barrier()
         if self.in_export:
             named = export_hf(model)
             if self.is_sender:
@@ -50,6 +72,8 @@ class WeightPublisher:
             else:
                 for _ in named:  # TP peer: join the export's all-gathers
                     pass
+        if self.colocated and self._lead:
+            self.syncer.resume_memory(["kv_cache", "cuda_graph"])
         dist.broadcast_object_list(gbps, src=0)
         return gbps[0]
 

@@ -39,7 +39,7 @@ def _server_logprobs(urls):
     return [asyncio.run(client.score(PROMPT, COMPLETION, url=u)) for u in urls]
 
 
-def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp):
+def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp, mode="distributed"):
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
     from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -64,9 +64,10 @@ def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp)
     trained, _ = actor.compute_logprobs(batch)
     trained = trained[0, len(PROMPT):]
     out = {}
-    publisher = WeightPublisher(server_urls, WeightSyncConfig(bucket_bytes=16 << 10))
+    publisher = WeightPublisher(server_urls, WeightSyncConfig(mode=mode, bucket_bytes=16 << 10))
     if rank == 0:
         out["before"] = _server_logprobs(server_urls)
+    publisher.release_rollout_memory()
     publisher.publish(actor.model, version=1)
     if rank == 0:
         out["after"] = _server_logprobs(server_urls)
@@ -104,4 +105,27 @@ def test_megatron_step_then_sync_to_two_servers_behind_router(tmp_path, tp, pp):
         before, after = torch.tensor(before), torch.tensor(after)
         assert (before - trained).abs().max() > 1e-2, "servers already had the trained weights?"
         torch.testing.assert_close(after, trained, atol=1e-4, rtol=0)
+    assert str(r0["router_version"]) == "1"
+
+
+@pytest.mark.gpu
+def test_megatron_on_gpu_colocated_cuda_ipc_sync(tmp_path):
+    """Megatron on cuda:0 hands its weights to a server on the same GPU through CUDA-IPC,
+    releasing and resuming the server's memory around the step (colocated mode)."""
+    model_dir = str(tmp_path / "model")
+    _make_model(model_dir)
+    servers = ServerManager(lambda port: cpu_server_command(model_dir, port, extra_args=["--device", "cuda"]),
+                            1, startup_timeout_s=120, log_dir=str(tmp_path))
+    try:
+        servers.start()
+        # Generation straight to the server: the router is not part of the GPU image.
+        (r0,) = run_distributed(train_and_sync, 1, model_dir, servers.urls, servers.urls[0], 1, 1,
+                                "colocated", timeout=300)
+    finally:
+        servers.stop()
+    trained = r0["trained"]
+    (before,), (after,) = r0["before"], r0["after"]
+    assert (torch.tensor(before) - trained).abs().max() > 1e-2
+    # The trainer computes in fp32 here; the server's HF model too, on the same GPU.
+    torch.testing.assert_close(torch.tensor(after), trained, atol=1e-4, rtol=0)
     assert str(r0["router_version"]) == "1"
