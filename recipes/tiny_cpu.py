@@ -24,7 +24,7 @@ def build() -> TrainerConfig:
             # Two optimizer steps per batch: the second is off-policy, where MASPO's gate acts.
             num_mini_batches=2,
             micro_batch_tokens=2048,
-            optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.0, clip_grad=1.0),
+            optimizer=OptimizerConfig(lr=1e-3, weight_decay=0.0, clip_grad=1.0),
         ),
         data=DataConfig(max_prompt_len=16),
         reward=RewardConfig(fn="synthetic", num_workers=0),
@@ -34,7 +34,7 @@ def build() -> TrainerConfig:
         algorithm=AlgorithmConfig(advantage=AdvantageConfig(estimator="grpo"), dynamic_sampling=True,
                                   max_sampling_rounds=3),
         steps=80,
-        prompts_per_step=16,
+        prompts_per_step=32,
         save_every=0,
         eval_every=20,
         eval_samples=4,
