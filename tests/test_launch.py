@@ -2,7 +2,6 @@
 offline) and the local executor's commands. No Slurm here: the sbatch script is rendered and
 parsed, and its host-resolution block runs in bash against a fake ``scontrol``."""
 
-import json
 import os
 import re
 import shlex
