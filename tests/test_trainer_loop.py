@@ -66,6 +66,10 @@ class FakePublisher:
 
     def __init__(self):
         self.versions: list[int] = []
+        self.releases = 0
+
+    def release_rollout_memory(self):
+        self.releases += 1
 
     def publish(self, model, version):
         self.versions.append(version)
