@@ -30,6 +30,12 @@ from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, o
 from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
+from maspo_megatron.megatron.checkpoint import (
+    latest_checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    vocab_multiple_for,
+)
 from maspo_megatron.reward import RewardConfig
 from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
@@ -270,19 +276,21 @@ class Trainer:
                 f"{cfg.rollout.temperature}: the trainer's log-probs must describe the sampling "
                 "distribution (set both)")
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
-                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                             config_overrides=cfg.model.megatron_overrides())
-        load_hf_checkpoint(chunks, cfg.model.path)
-        self.actor = Actor(chunks, cfg.actor)
-        self.ref = None
-        if cfg.actor.kl_coef > 0:
-            # The frozen starting policy, for the KL penalty; same layout as the actor.
-            ref_chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
-                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                     config_overrides=cfg.model.megatron_overrides())
-            load_hf_checkpoint(ref_chunks, cfg.model.path)
-            self.ref = Actor(ref_chunks, cfg.actor, trainable=False)
+        vocab_multiple = cfg.model.make_vocab_size_divisible_by
+        if self._resuming():
+            # A run resumed under another TP must rebuild the vocabulary padding it saved.
+            vocab_multiple = vocab_multiple_for(self._ckpt_dir(), cfg.parallel.tp)
+
+        def hf_model():
+            chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
+                                 make_vocab_size_divisible_by=vocab_multiple,
+                                 config_overrides=cfg.model.megatron_overrides())
+            load_hf_checkpoint(chunks, cfg.model.path)
+            return chunks
+
+        self.actor = Actor(hf_model(), cfg.actor)
+        # The frozen starting policy, for the KL penalty; same layout as the actor.
+        self.ref = Actor(hf_model(), cfg.actor, trainable=False) if cfg.actor.kl_coef > 0 else None
         self.start_step = 0
         if self.is_driver:
             self._setup_driver()
@@ -320,10 +328,11 @@ class Trainer:
     def _ckpt_dir(self) -> str:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
-    def _maybe_resume(self) -> None:
-        from maspo_megatron.megatron.checkpoint import latest_checkpoint_step, load_checkpoint
+    def _resuming(self) -> bool:
+        return self.cfg.resume and latest_checkpoint_step(self._ckpt_dir()) is not None
 
-        if not self.cfg.resume or latest_checkpoint_step(self._ckpt_dir()) is None:
+    def _maybe_resume(self) -> None:
+        if not self._resuming():
             return
         state = load_checkpoint(self._ckpt_dir(), self.actor.model, self.actor.optimizer,
                                 self.actor.scheduler)
@@ -336,7 +345,6 @@ class Trainer:
             print(f"resumed from {self._ckpt_dir()} at step {self.start_step}", flush=True)
 
     def save(self, step: int) -> None:
-        from maspo_megatron.megatron.checkpoint import save_checkpoint
 
         extra = {"bad_steps": self.bad_steps}
         if self.is_driver:

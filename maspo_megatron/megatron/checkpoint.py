@@ -102,6 +102,25 @@ def latest_checkpoint_step(ckpt_dir: str | os.PathLike) -> int | None:
     return int(text)
 
 
+def vocab_multiple_for(ckpt_dir: str | os.PathLike, tp: int) -> int:
+    """The ``make_vocab_size_divisible_by`` that rebuilds the newest checkpoint's padded
+    vocabulary at tensor-parallel size ``tp``.
+
+    Megatron pads the vocabulary to a multiple of ``divisible_by * tp``, so the padded size
+    depends on the saving layout; loading at another TP must reproduce the saved size.
+    """
+    from megatron.core import dist_checkpointing
+
+    step = latest_checkpoint_step(ckpt_dir)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no '{TRACKER_FILE}' file)")
+    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir(ckpt_dir, step)))
+    padded = meta["embedding.word_embeddings.weight"].global_shape[0]
+    if padded % tp:
+        raise CheckpointError(f"the checkpoint's padded vocabulary ({padded} rows) cannot be split over tp={tp}")
+    return padded // tp
+
+
 def _available_steps(ckpt_dir: Path) -> list[int]:
     if not ckpt_dir.is_dir():
         return []
@@ -559,7 +578,15 @@ def load_checkpoint(
         for key, chunk in zip(_model_keys(len(chunks)), chunks):
             chunk.load_state_dict(loaded[key], strict=True)
         if optimizer is not None:
-            _load_optimizer_state(optimizer, loaded["optimizer"])
+            try:
+                _load_optimizer_state(optimizer, loaded["optimizer"])
+            except KeyError as e:
+                # megatron's distributed optimizer keys its parameter groups by their
+                # hyper-parameters (lr, min_lr, weight-decay and lr multipliers, ...).
+                raise CheckpointError(
+                    f"{path}: the optimizer's parameter groups do not match the checkpoint's "
+                    f"(group key {e.args[0]!r} not found): resume with the optimizer settings the "
+                    "run was saved with (lr, min_lr, weight_decay), or load weights only") from e
     if opt_param_scheduler is not None:
         if hasattr(opt_param_scheduler, "num_steps"):
             # megatron's scheduler *adds* the saved step count to its own: start from 0 so a

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from maspo_megatron.megatron.checkpoint import iteration_dir, latest_checkpoint_step, load_checkpoint
+from maspo_megatron.megatron.checkpoint import load_checkpoint, vocab_multiple_for
 from maspo_megatron.megatron.convert import save_hf
 from maspo_megatron.megatron.model import build_model, load_hf_config
-
-
-def _vocab_multiple(ckpt_dir: str, tp: int) -> int:
-    """The padding multiple that rebuilds the checkpoint's padded vocabulary at ``tp``.
-
-    Megatron pads the vocabulary to a multiple of ``divisible_by * tp``, so the padded size
-    depends on the training layout; exporting at another TP must reproduce the saved size.
-    """
-    from megatron.core import dist_checkpointing
-
-    step = latest_checkpoint_step(ckpt_dir)
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
-    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir(ckpt_dir, step)))
-    padded = meta["embedding.word_embeddings.weight"].global_shape[0]
-    if padded % tp:
-        raise ValueError(f"the checkpoint's padded vocabulary ({padded} rows) cannot be split over tp={tp}")
-    return padded // tp
 
 
 def export_checkpoint_to_hf(ckpt_dir: str, hf_model_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
@@ -42,7 +24,7 @@ def export_checkpoint_to_hf(ckpt_dir: str, hf_model_dir: str, out_dir: str, *, t
     try:
         # fp32 parameters hold the trained values exactly whatever the training dtype was.
         chunks = build_model(hf_model_dir, parallel, dtype=torch.float32,
-                             make_vocab_size_divisible_by=_vocab_multiple(ckpt_dir, tp))
+                             make_vocab_size_divisible_by=vocab_multiple_for(ckpt_dir, tp))
         state = load_checkpoint(ckpt_dir, chunks)
         save_hf(chunks, out_dir, load_hf_config(hf_model_dir), tokenizer_dir=hf_model_dir, dtype=dtype)
         if torch.distributed.get_rank() == 0:
