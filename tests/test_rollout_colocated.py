@@ -27,12 +27,11 @@ from maspo_megatron.rollout.protocol import (
     flatten_bucket, loads_ipc_payload, order_for_alignment, serialize_ipc_bucket,
 )
 from maspo_megatron.rollout.servers import free_port
+from test_e2e_megatron_sync import COMPLETION, PROMPT, _make_model
 from maspo_megatron.rollout.weight_sync import (
     WeightSyncConfig, WeightSyncer, WeightSyncError, iter_buckets, post_json,
 )
 
-PROMPT = [2, 7, 11, 3]
-COMPLETION = [9, 14, 5, 20, 8]
 
 
 def _mixed():
@@ -41,16 +40,6 @@ def _mixed():
             ("b.fp32", torch.randn(7, generator=g)),
             ("c.int8", torch.randint(-5, 5, (3,), generator=g, dtype=torch.int8)),
             ("d.fp16", torch.randn(2, 3, generator=g).half())]
-
-
-def _make_model(path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
 
 
 # --------------------------------------------------------------------------- payload
