@@ -8,7 +8,10 @@ streamed, so the whole model never has to sit in one place. Modes (``WeightSyncC
   servers before i)``), NCCL on GPU and gloo on CPU. Tensors are packed into ``flattened_bucket``
   buckets of at most ``bucket_bytes`` (one oversized tensor travels alone) and broadcast while
   ``/update_weights_from_distributed`` calls for the same bucket are in flight on other threads.
-- ``"disk"``: each sender writes an HF safetensors shard, then ``/update_weights_from_disk``.
+- ``"disk"``: each sender writes an HF safetensors shard into ``<disk_dir>/weights_v<version>``,
+  then ``/update_weights_from_disk``. Once every server has loaded (and verified) a version, the
+  older ``weights_v*`` directories are deleted: one model copy stays on disk (two after a failed
+  sync, until the next one succeeds).
 - ``"colocated"``: the servers share the sender's GPU (node). Each bucket is flattened on the
   sender's GPU and handed over as a CUDA-IPC handle (``/update_weights_from_tensor``,
   ``load_format="flattened_bucket"``, one serialized entry per engine rank, payload as SGLang's
@@ -49,6 +52,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 import urllib.error
@@ -372,6 +376,8 @@ class WeightSyncer:
             ok = self._step(ok, lambda: self._verify(sampler.kept, version), errors)
         ok = self._step(ok, (lambda: self._finish(version)) if lead else None, errors)
         self._raise_if(ok, errors, f"weight sync to version {version}")
+        if cfg.mode == "disk" and lead:
+            self._prune_disk(path)
         stats.seconds = time.monotonic() - t0
         logger.info("weight sync v%s: %.2f GB in %d buckets, %.2fs (%.2f GB/s)", version,
                     stats.bytes / 1e9, stats.buckets, stats.seconds, stats.gbps)
@@ -445,6 +451,20 @@ class WeightSyncer:
             # Free the shared blocks the servers have let go of (torch keeps IPC-shared
             # memory until every consumer dropped it).
             torch.cuda.ipc_collect()
+
+    def _prune_disk(self, keep: str) -> None:
+        """Deletes the ``weights_v*`` directories other than ``keep``, the version every server
+        has just loaded (and verified): nothing else is needed to serve or re-send. Called only
+        after a fully successful sync, so a failed one leaves the last complete version (and the
+        partly loaded new one) in place. A failure to delete is logged, not raised."""
+        root, name = os.path.split(os.path.normpath(keep))
+        for entry in os.listdir(root):
+            old = os.path.join(root, entry)
+            if entry.startswith("weights_v") and entry != name and os.path.isdir(old):
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:
+                    logger.warning("disk weight sync: could not delete %s: %s", old, e)
 
     def _write_shard(self, named, sampler: _Sampler, stats: SyncStats, path: str) -> None:
         from safetensors.torch import save_file
