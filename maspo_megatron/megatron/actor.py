@@ -40,18 +40,25 @@ from maspo_megatron.runtime import device
 
 @dataclass
 class OptimizerConfig:
-    """Adam and its learning-rate schedule (megatron-core's optimizer and scheduler)."""
+    """Adam and its learning-rate schedule (megatron-core's optimizer and scheduler).
+
+    Steps here are **optimizer** steps: a train step makes ``actor.num_mini_batches`` of them
+    (skipped updates do not count).
+    """
 
     lr: float = 1e-6
     """Peak learning rate (the MASPO paper trains at 1e-6)."""
     min_lr: float = 0.0
     """Floor of the cosine schedule."""
     lr_schedule: str = "constant"
-    """``constant`` or ``cosine`` (after warm-up)."""
+    """``constant`` (after warm-up) or ``cosine`` (from ``lr`` after warm-up to ``min_lr`` at
+    ``decay_steps``, then ``min_lr``)."""
     warmup_steps: int = 0
-    """Linear warm-up length in optimizer steps."""
+    """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
     decay_steps: int | None = None
-    """Cosine horizon in optimizer steps (required for ``cosine``)."""
+    """Optimizer step at which the cosine reaches ``min_lr`` (counted from step 0, warm-up
+    included; must exceed ``warmup_steps``). Required for ``cosine``; None with ``constant``
+    means no decay."""
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -62,10 +69,36 @@ class OptimizerConfig:
     """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
 
     def __post_init__(self):
+        # Every check megatron's OptimizerParamScheduler would assert, here, naming the key.
+        key = "actor.optimizer"
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"optimizer.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.lr_schedule == "cosine" and not self.decay_steps:
-            raise ValueError("optimizer.decay_steps is required for lr_schedule='cosine'")
+            raise ValueError(f"{key}.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"{key}.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"{key}.min_lr must lie in [0, {key}.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{key}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule == "cosine" and self.decay_steps is None:
+            raise ValueError(f"{key}.decay_steps is required for {key}.lr_schedule='cosine' "
+                             "(the optimizer step at which the LR reaches min_lr)")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"{key}.decay_steps={self.decay_steps} must exceed {key}.warmup_steps="
+                             f"{self.warmup_steps} (the decay starts after the warm-up)")
+        if self.weight_decay < 0:
+            raise ValueError(f"{key}.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{key}.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"{key}.adam_eps must be > 0, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"{key}.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+
+    def scheduler_decay_steps(self) -> int:
+        """``lr_decay_steps`` for megatron's scheduler, which needs one past the warm-up even
+        when nothing decays: its constant style never reads it after the warm-up."""
+        return self.decay_steps if self.decay_steps is not None else self.warmup_steps + 1
 
 
 @dataclass
@@ -327,7 +360,7 @@ class Actor:
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
             lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=o.decay_steps or max(o.warmup_steps, 1),
+            lr_decay_steps=o.scheduler_decay_steps(),
             lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant",
         )
