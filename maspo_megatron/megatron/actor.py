@@ -281,6 +281,29 @@ def pack_sequences(input_ids: torch.Tensor, lengths: torch.Tensor, response_mask
                         int(cu.diff().max()), rows, cols)
 
 
+FP8_TOKEN_MULTIPLE = 16
+"""Transformer Engine's FP8 GEMMs need every GEMM dimension a multiple of 16
+(``transformer_engine.pytorch.utils.assert_dim_for_fp8_exec``), the token dimension included
+(it is the inner dimension of the weight-gradient GEMM)."""
+
+
+def token_multiple(*, fp8: bool, sequence_parallel: bool, tp: int) -> int:
+    """What each micro-batch's token count (per TP rank under sequence parallelism) must be a
+    multiple of: 16 for FP8, times TP when sequence parallelism splits the tokens over TP."""
+    return (FP8_TOKEN_MULTIPLE if fp8 else 1) * (tp if sequence_parallel else 1)
+
+
+def pad_micro_batch(micro: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Right-pads the ``[n, L]`` fields of a padded micro-batch so that ``L`` (hence ``n * L``)
+    is a multiple of ``multiple``: token id 0, response mask False, zeros elsewhere. The padding
+    comes after every row's last token, so causal attention keeps it out of the real tokens."""
+    width = micro["input_ids"].shape[1]
+    pad = -width % multiple
+    if not pad:
+        return micro
+    return {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in micro.items()}
+
+
 def _k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     # Schulman's k3 estimator of KL(pi || ref): unbiased, non-negative, low variance.
     log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
@@ -311,6 +334,8 @@ class Actor:
                                       "states along the sequence) is not implemented; use fused_logprobs=False")
         # Micro-batches have different shapes; pipeline stages must exchange them.
         config.variable_seq_lengths = True
+        self.token_multiple = token_multiple(fp8=bool(config.fp8), sequence_parallel=config.sequence_parallel,
+                                             tp=ps.get_tensor_model_parallel_world_size())
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -464,11 +489,12 @@ class Actor:
         for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens,
                                        padded=not self.pack):
             m = {k: v.to(dev) for k, v in batch.select(rows).items()}
+            if not self.pack:
+                m = pad_micro_batch(m, self.token_multiple)
             m["rows"] = rows
             if self.pack:
-                sp = self.spec.transformer_config.sequence_parallel
                 m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(dev),
-                                             m["response_mask"], self.tp_size if sp else 1)
+                                             m["response_mask"], self.token_multiple)
             micro.append(m)
         return micro
 
@@ -487,9 +513,10 @@ class Actor:
 
         def loss_func(m, output):
             lp, ent = self._logprobs(output, m, entropy)
-            out_lp[m["rows"], : lp.shape[1]] = lp.float().cpu()
+            width = min(lp.shape[1], out_lp.shape[1])  # token_multiple padding may go past the batch
+            out_lp[m["rows"], :width] = lp[:, :width].float().cpu()
             if entropy:
-                out_ent[m["rows"], : ent.shape[1]] = ent.float().cpu()
+                out_ent[m["rows"], :width] = ent[:, :width].float().cpu()
             return lp.sum() * 0, {}
 
         self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
