@@ -22,17 +22,29 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
-def load_recipe(name: str):
-    """A recipe by name (``recipes/NAME.py``) or path; its ``build()`` returns a TrainerConfig."""
+def recipe_module(name: str):
+    """The recipe module ``recipes/NAME.py`` (or a ``.py`` path), imported.
+
+    Its directory goes on ``sys.path`` first, so a recipe imports the modules next to it like
+    any Python module (``from _maspo_math import maspo_math_config``).
+    """
     path = Path(name) if name.endswith(".py") else RECIPES_DIR / f"{name}.py"
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name!r} (no {path}); available: {', '.join(list_recipes())}")
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     spec = importlib.util.spec_from_file_location(f"maspo_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "build"):
         raise ConfigError(f"recipe {path} has no build() function")
-    return module.build()
+    return module
+
+
+def load_recipe(name: str):
+    """A recipe by name (``recipes/NAME.py``) or path; its ``build()`` returns a TrainerConfig."""
+    return recipe_module(name).build()
 
 
 def _under_torchrun() -> bool:
@@ -67,6 +79,12 @@ def cmd_train(args) -> int:
             raise ConfigError(f"{key} must be set (recipe {args.recipe!r} leaves it empty)")
         if not os.path.exists(path):
             raise ConfigError(f"{key}={path!r} does not exist")
+    if cfg.model.fp8:
+        from maspo_megatron.megatron.model import te_available
+
+        if not te_available():
+            raise ConfigError(f"model.fp8={cfg.model.fp8!r} needs Transformer Engine on a CUDA device, which this "
+                              "machine lacks (use the NGC PyTorch/NeMo container, or set model.fp8=none)")
     if not _under_torchrun():
         nproc = args.nproc_per_node or _default_nproc(cfg)
         return _relaunch_with_torchrun(nproc, ["train", "--recipe", args.recipe, *args.overrides])
