@@ -1,5 +1,6 @@
 """Shared settings of the MASPO math-reasoning recipes (not a recipe: the leading underscore
-keeps it out of ``maspo-megatron train --recipe``). Recipes load it with ``runpy.run_path``.
+keeps it out of ``maspo-megatron train --recipe``). Recipes import it like any module
+(``from _maspo_math import maspo_math_config``: the recipe loader puts ``recipes/`` on sys.path).
 
 Where each value comes from
 ---------------------------
@@ -25,7 +26,9 @@ Where each value comes from
     512 prompts x 16 responses per step, 32-prompt mini-batches (16 optimizer steps per
     batch), prompts up to 2048 tokens, responses up to 20480 tokens with a 4096-token soft
     overlong buffer (penalty 1.0), temperature 1.0, top_p 1.0, top_k off, dynamic sampling of
-    groups (up to 10 generation rounds), 10 warm-up steps, gradient clip 1.0, and
+    groups (up to 10 generation rounds), 10 warm-up training steps (verl steps its LR scheduler
+    once per training step; ours counts optimizer steps, 16 per training step here), gradient
+    clip 1.0, and
     ``ppo_max_token_len = 2048 + 20480`` tokens per micro-batch.
 [R] This repository's choices (not hyper-parameters of the method): parallel layouts, SGLang TP,
     checkpoint/eval intervals.
@@ -51,6 +54,8 @@ PROMPTS_PER_STEP = 512       # [D]
 SAMPLES_PER_PROMPT = 16      # [D]
 MINI_BATCH_PROMPTS = 32      # [D]
 TEMPERATURE = 1.0            # [D]
+WARMUP_TRAIN_STEPS = 10      # [D]
+NUM_MINI_BATCHES = PROMPTS_PER_STEP // MINI_BATCH_PROMPTS  # [D] 16 optimizer steps per training step
 
 
 def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp: int,
@@ -69,12 +74,14 @@ def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp
             losses=LossConfigs(maspo=MASPOConfig()),  # [M] defaults, identical to the README's
             aggregation=AggregationConfig(mode="token_mean_global"),  # [M] token-mean
             temperature=TEMPERATURE,
-            num_mini_batches=PROMPTS_PER_STEP // MINI_BATCH_PROMPTS,  # [D] 16
+            num_mini_batches=NUM_MINI_BATCHES,  # [D] 16
             micro_batch_tokens=MAX_PROMPT_LEN + MAX_RESPONSE_LEN,  # [D] ppo_max_token_len
             entropy_coef=0.0,  # [M]
             kl_coef=0.0,  # [M]
+            # Constant LR after a linear warm-up of 10 training steps (no decay: decay_steps=None).
             optimizer=OptimizerConfig(lr=1e-6, weight_decay=0.01,  # [M]
-                                      warmup_steps=10, clip_grad=1.0),  # [D]
+                                      warmup_steps=WARMUP_TRAIN_STEPS * NUM_MINI_BATCHES,  # [D]
+                                      clip_grad=1.0),  # [D]
         ),
         data=DataConfig(
             # DeepSeek-R1 model card's recommended math instruction; math-verify reads \boxed{}.

@@ -23,18 +23,28 @@ Layout [R], for 8x H100 80GB nodes:
         model.path=/models/Llama-3.3-70B-Instruct data.train_path=/data/train.parquet
 """
 
-import runpy
-from pathlib import Path
+from _maspo_math import maspo_math_config
 
 from maspo_megatron.runtime import ParallelConfig
 from maspo_megatron.trainer import ModelConfig, TrainerConfig
 
 TRAIN_NODES, ROLLOUT_NODES, GPUS_PER_NODE = 8, 2, 8  # intended layout (tests check it)
 
+# meta-llama/Llama-3.3-70B-Instruct config.json, architecture fields (Llama-3.1 70B is the same
+# but for its tokenizer's chat template). The toy-scale CI run (maspo_megatron/toy.py) builds a
+# tiny model from it, Llama-3 RoPE scaling included.
+HF_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192, intermediate_size=28672,
+    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=131072, rope_theta=500000.0,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+)
+
 
 def build() -> TrainerConfig:
-    common = runpy.run_path(str(Path(__file__).with_name("_maspo_math.py")))
-    return common["maspo_math_config"](
+    return maspo_math_config(
         model=ModelConfig(dtype="bf16", fp8="hybrid", fp8_recipe="blockwise",
                           sequence_parallel=True, recompute_granularity="full"),
         parallel=ParallelConfig(tp=8, pp=4),

@@ -13,18 +13,25 @@ Layout [R], for 8x H100 80GB nodes:
         model.path=/models/DeepSeek-R1-Distill-Qwen-7B data.train_path=/data/train.parquet
 """
 
-import runpy
-from pathlib import Path
+from _maspo_math import maspo_math_config
 
 from maspo_megatron.runtime import ParallelConfig
 from maspo_megatron.trainer import ModelConfig, TrainerConfig
 
 TRAIN_NODES, ROLLOUT_NODES, GPUS_PER_NODE = 2, 1, 8  # intended layout (tests check it)
 
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-7B config.json, architecture fields (a Qwen2.5-Math-7B).
+# The toy-scale CI run (maspo_megatron/toy.py) builds a tiny model from it.
+HF_CONFIG = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, intermediate_size=18944,
+    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+    max_position_embeddings=131072, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu",
+    tie_word_embeddings=False, use_sliding_window=False,
+)
+
 
 def build() -> TrainerConfig:
-    common = runpy.run_path(str(Path(__file__).with_name("_maspo_math.py")))
-    return common["maspo_math_config"](
+    return maspo_math_config(
         model=ModelConfig(dtype="bf16", sequence_parallel=True, recompute_granularity="full"),
         parallel=ParallelConfig(tp=2, pp=1),
         sglang_tp=2,

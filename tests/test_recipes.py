@@ -1,23 +1,17 @@
-"""The production recipes: each builds, fits its intended GPUs, and keeps MASPO's settings."""
+"""The production recipes: each builds, fits its intended GPUs and its model, and keeps MASPO's
+settings. (Each also runs 2 steps at toy scale: tests/test_recipes_toy.py.)"""
 
 import dataclasses
-import importlib.util
 
 import pytest
 
-from maspo_megatron.cli import RECIPES_DIR, list_recipes, load_recipe
+from maspo_megatron.cli import RECIPES_DIR, list_recipes, load_recipe, recipe_module
 from maspo_megatron.config import revalidate
 from maspo_megatron.trainer import TrainerConfig
 
 DENSE = ["maspo_r1_distill_1_5b", "maspo_r1_distill_7b", "maspo_r1_distill_14b", "maspo_llama3_70b_fp8"]
 MOE = "maspo_qwen3_30b_a3b_moe"
 
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"test_recipe_{name}", RECIPES_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_recipe_is_covered():
@@ -30,7 +24,7 @@ def test_recipe_builds_and_fits_its_gpus(name):
     cfg = load_recipe(name)
     assert isinstance(cfg, TrainerConfig)
     revalidate(cfg)
-    module = _module(name)
+    module = recipe_module(name)
     dp = cfg.parallel.validate(module.TRAIN_NODES * module.GPUS_PER_NODE)
     assert dp >= 1
     assert module.GPUS_PER_NODE % cfg.rollout.sglang_tp == 0
@@ -45,6 +39,37 @@ def test_recipe_builds_and_fits_its_gpus(name):
     assert cfg.prompts_per_step % cfg.actor.num_mini_batches == 0
     if cfg.model.sequence_parallel:
         assert cfg.parallel.tp > 1
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_recipe_layout_fits_its_model(name):
+    cfg, hf = load_recipe(name), recipe_module(name).HF_CONFIG
+    p = cfg.parallel
+    # megatron splits query heads and KV groups over TP and layers evenly over PP.
+    assert hf["num_attention_heads"] % p.tp == 0 and hf["num_key_value_heads"] % p.tp == 0
+    assert hf["num_hidden_layers"] % p.pp == 0
+    assert hf["num_attention_heads"] % cfg.rollout.sglang_tp == 0
+    # The converter knows the architecture (a missing family fails here, not on the cluster).
+    from types import SimpleNamespace
+
+    from maspo_megatron.megatron.families import get_family
+
+    get_family(SimpleNamespace(architectures=hf["architectures"]))
+
+
+def test_recipes_import_their_shared_settings():
+    # Plain modules: the shared settings are imported, never exec'd.
+    for name in DENSE:
+        text = (RECIPES_DIR / f"{name}.py").read_text()
+        assert "from _maspo_math import maspo_math_config" in text and "runpy" not in text
+
+
+def test_warmup_is_dapos_ten_training_steps():
+    # verl steps its scheduler once per training step; our warm-up counts optimizer steps.
+    for name in DENSE:
+        cfg = load_recipe(name)
+        assert cfg.actor.optimizer.warmup_steps == 10 * cfg.actor.num_mini_batches
+        assert cfg.actor.optimizer.lr_schedule == "constant" and cfg.actor.optimizer.decay_steps is None
 
 
 @pytest.mark.parametrize("name", DENSE)
