@@ -7,6 +7,7 @@ from maspo_megatron.algo.aggregation import (
     AGGREGATIONS,
     AggregationConfig,
     aggregate,
+    global_counts,
     seq_mean_token_mean,
     seq_mean_token_sum_norm,
     token_mean_global,
@@ -97,3 +98,14 @@ def test_empty_rows_and_errors():
         AggregationConfig("mean")
     with pytest.raises(ValueError, match=r"loss \(2, 3\) and mask \(3,\)"):
         token_mean_global(loss, mask[0], 2)
+
+
+def test_global_counts_skip_fully_masked_rows():
+    """A truncated response under mask_truncated is a fully masked row: it adds nothing to the
+    loss, so it must not be counted in the sequence normaliser either."""
+    mask = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    assert global_counts(mask) == {"tokens": 3, "seqs": 2}
+    loss = torch.ones(4, 3)
+    assert seq_mean_token_mean(loss, mask, global_counts(mask)["seqs"]).item() == 1.0
+    # A step without a single response token divides 0 by 1 rather than by 0.
+    assert global_counts(torch.zeros(2, 3, dtype=torch.bool)) == {"tokens": 1, "seqs": 1}

@@ -70,6 +70,20 @@ def seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor,
     return loss.sum() / (normalizer * global_num_seqs)
 
 
+def global_counts(mask: torch.Tensor) -> dict[str, int]:
+    """The normalisers of one optimizer step from its whole ``[N, L]`` response mask.
+
+    ``tokens``: response tokens; ``seqs``: rows with at least one response token. A fully masked
+    row (e.g. a truncated response under ``algorithm.mask_truncated``) contributes nothing to the
+    loss, so it is not counted either: otherwise the sequence-level modes would shrink by the
+    masked fraction. Both are at least 1 (a step with no response token has loss 0).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"expected a [batch, tokens] mask, got shape {tuple(mask.shape)}")
+    mask = mask.to(torch.bool)
+    return {"tokens": max(int(mask.sum()), 1), "seqs": max(int(mask.any(dim=1).sum()), 1)}
+
+
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "token_mean_global": token_mean_global,
     "seq_mean_token_mean": seq_mean_token_mean,

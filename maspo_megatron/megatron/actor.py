@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.algo.aggregation import AggregationConfig, aggregate
+from maspo_megatron.algo.aggregation import AggregationConfig, aggregate, global_counts
 from maspo_megatron.algo.losses import (
     CISPOConfig,
     ClipHigherConfig,
@@ -580,7 +580,7 @@ class Actor:
                              f"{self.cfg.num_mini_batches}")
         history: list[dict[str, float]] = []
         for index in torch.arange(n).chunk(self.cfg.num_mini_batches):
-            counts = {"tokens": int(batch.response_mask[index].sum()), "seqs": len(index)}
+            counts = global_counts(batch.response_mask[index])
             micro = self._micro_batches(batch, index)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
