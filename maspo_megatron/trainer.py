@@ -259,6 +259,7 @@ class Trainer:
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
+        from maspo_megatron.algo.objective import Objective
         from maspo_megatron.megatron.actor import Actor
         from maspo_megatron.megatron.convert import load_hf_checkpoint
         from maspo_megatron.megatron.model import build_model
@@ -288,7 +289,8 @@ class Trainer:
             load_hf_checkpoint(chunks, cfg.model.path)
             return chunks
 
-        self.actor = Actor(hf_model(), cfg.actor)
+        # The actor minimises the RL objective it is handed (algo.objective).
+        self.actor = Actor(hf_model(), cfg.actor, objective=Objective(cfg.actor))
         # The frozen starting policy, for the KL penalty; same layout as the actor.
         self.ref = Actor(hf_model(), cfg.actor, trainable=False) if cfg.actor.kl_coef > 0 else None
         self.start_step = 0

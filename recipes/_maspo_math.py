@@ -40,8 +40,9 @@ from maspo_megatron.algo.advantages import AdvantageConfig
 from maspo_megatron.algo.aggregation import AggregationConfig
 from maspo_megatron.algo.filters import OverlongConfig
 from maspo_megatron.algo.losses import MASPOConfig
+from maspo_megatron.algo.objective import LossConfigs
 from maspo_megatron.data import DataConfig
-from maspo_megatron.megatron.actor import ActorConfig, LossConfigs, OptimizerConfig
+from maspo_megatron.megatron.actor import ActorConfig, OptimizerConfig
 from maspo_megatron.reward import RewardConfig
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from maspo_megatron.algo import losses as L
 from maspo_megatron.algo.aggregation import seq_mean_token_mean
+from maspo_megatron.algo.metrics import combine, metric_values
 
 F64 = torch.float64
 
@@ -189,16 +190,19 @@ def test_maspo_metrics():
     r = [math.exp(x) for x in (0.5, -0.5, -0.9, 0.4)]
     w = [ref_maspo(lp[0, i].item(), 0.0, A[0, i].item())[2] for i in range(4)]
     assert w[0] < 0.99 and w[1] == 1 and w[2] < 0.99 and w[3] == 1
-    assert m["maspo/gated_frac_pos"].item() == pytest.approx(0.5)
-    assert m["maspo/gated_frac_neg"].item() == pytest.approx(0.5)
-    assert m["maspo/gate_mean"].item() == pytest.approx(sum(w) / 4)
+    assert metric_values(m)["maspo/gated_frac_pos"] == pytest.approx(0.5)
+    assert metric_values(m)["maspo/gated_frac_neg"] == pytest.approx(0.5)
+    assert metric_values(m)["maspo/gate_mean"] == pytest.approx(sum(w) / 4)
     sigmas = [1.0 * (1 + 0.03 * 2)] * 2 + [1.0 / (1 + 0.03)] * 2  # p_old = 1 -> m = sigma_base
-    assert m["maspo/sigma_mean"].item() == pytest.approx(sum(sigmas) / 4)
-    assert m["policy/ratio_mean"].item() == pytest.approx(sum(r) / 4)
-    assert m["policy/ratio_max"].item() == pytest.approx(max(r))  # padding ratio e^9 excluded
+    assert metric_values(m)["maspo/sigma_mean"] == pytest.approx(sum(sigmas) / 4)
+    assert metric_values(m)["policy/ratio_mean"] == pytest.approx(sum(r) / 4)
+    assert metric_values(m)["policy/ratio_max"] == pytest.approx(max(r))  # padding ratio e^9 excluded
     k3 = sum(x - 1 - math.log(x) for x in r) / 4
-    assert m["policy/approx_kl_k3"].item() == pytest.approx(k3)
-    assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
+    assert metric_values(m)["policy/approx_kl_k3"] == pytest.approx(k3)
+    assert all(not t.requires_grad and t.dim() == 0 for v in m.values() for t in v)
+    # Each mean carries the count it averages over: 2 tokens of each sign, 4 with A != 0.
+    assert float(m["maspo/gated_frac_pos"].weight) == float(m["maspo/gated_frac_neg"].weight) == 2
+    assert float(m["maspo/sigma_mean"].weight) == float(m["maspo/gate_mean"].weight) == 4
 
 
 def test_maspo_float32_and_bf16_inputs_computed_in_float32():
@@ -256,10 +260,10 @@ def test_grpo_defaults_and_clip_metrics():
     r = torch.tensor([1.5, 0.5, 5.0, 1.1], dtype=F64)
     A = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=F64)
     _, m = L.grpo_loss(r.log(), torch.zeros(4, dtype=F64), A, None, cfg)
-    assert m["grpo/clip_frac"].item() == pytest.approx(0.75)
-    assert m["grpo/dual_clip_frac"].item() == pytest.approx(0.25)
+    assert metric_values(m)["grpo/clip_frac"] == pytest.approx(0.75)
+    assert metric_values(m)["grpo/dual_clip_frac"] == pytest.approx(0.25)
     _, m = L.clip_higher_loss(r.log(), torch.zeros(4, dtype=F64), A, None, ch)
-    assert m["clip_higher/clip_frac"].item() == pytest.approx(0.5)
+    assert metric_values(m)["clip_higher/clip_frac"] == pytest.approx(0.5)
 
 
 def test_dual_clip_must_exceed_one():
@@ -344,8 +348,9 @@ def test_gspo_inside_and_beyond_band():
             else:
                 assert loss[i, :n].tolist() == pytest.approx([-A * s[i]] * n, rel=1e-12)
                 assert lp.grad[i, :n].tolist() == pytest.approx([-A * s[i]] * n, rel=1e-12)
-        assert m["gspo/clip_frac"].item() == (1.0 if clipped else 0.0)
-        assert m["gspo/seq_ratio_mean"].item() == pytest.approx(sum(s) / 2)
+        assert metric_values(m)["gspo/clip_frac"] == (1.0 if clipped else 0.0)
+        assert metric_values(m)["gspo/seq_ratio_mean"] == pytest.approx(sum(s) / 2)
+        assert float(m["gspo/seq_ratio_mean"].weight) == 2  # a mean over sequences
 
 
 def test_gspo_token_form_has_sequence_level_gradient():
@@ -398,7 +403,7 @@ def test_cispo_lower_bound_and_clip_frac():
                            None, cfg)
     loss.sum().backward()
     assert lp.grad.tolist() == pytest.approx([-0.8, -1.0, -1.28])
-    assert m["cispo/clip_frac"].item() == pytest.approx(2 / 3)
+    assert metric_values(m)["cispo/clip_frac"] == pytest.approx(2 / 3)
 
 
 # ------------------------------------------------------------------------------- TIS + registry
@@ -416,8 +421,8 @@ def test_tis_weight_is_capped_and_detached():
     assert loss.tolist() == pytest.approx([p * x for p, x in zip(plain.tolist(), w)], rel=1e-12)
     loss.sum().backward()
     assert lpo.grad is None  # neither the weight nor the old log-probs carry gradient
-    assert m["tis/capped_frac"].item() == pytest.approx(1 / 3)
-    assert m["tis/weight_mean"].item() == pytest.approx(sum(w) / 3)
+    assert metric_values(m)["tis/capped_frac"] == pytest.approx(1 / 3)
+    assert metric_values(m)["tis/weight_mean"] == pytest.approx(sum(w) / 3)
     # Default cap is 2.
     assert L.truncated_is_weight(torch.tensor([5.0]), torch.tensor([0.0])).item() == \
         pytest.approx(2.0)
@@ -449,3 +454,31 @@ def test_every_loss_is_minus_advantage_on_policy(name):
     loss, _ = L.policy_loss(name, None, lp, lp.detach().clone(), A, torch.ones(1, 3).bool())
     loss.sum().backward()
     torch.testing.assert_close(lp.grad, -A, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(L.LOSSES))
+def test_metrics_of_any_split_combine_to_those_of_one_call(name):
+    """Each metric carries its own weight: combining the calls of any row split gives exactly
+    the metrics of one call over the whole batch (the sign-split MASPO fractions, the A != 0
+    width and GSPO's per-sequence ratio included)."""
+    g = torch.Generator().manual_seed(7)
+    n, t = 7, 6
+    lpo = -torch.rand(n, t, generator=g, dtype=F64) * 3
+    lp = lpo + 0.7 * torch.randn(n, t, generator=g, dtype=F64)
+    rollout = lpo + 0.5 * torch.randn(n, t, generator=g, dtype=F64)
+    A = torch.tensor([[1.5], [-0.7], [0.0], [2.0], [-1.2], [0.4], [-0.3]], dtype=F64)
+    lengths = torch.tensor([6, 2, 4, 5, 1, 3, 6])
+    mask = torch.arange(t)[None] < lengths[:, None]
+    mask[4] = False  # a fully masked row
+
+    def call(rows):
+        return L.policy_loss(name, None, lp[rows], lpo[rows], A[rows], mask[rows],
+                             rollout_logprobs=rollout[rows], tis_cap=1.5)[1]
+
+    whole = call(slice(None))
+    parts = combine(call(rows) for rows in (slice(0, 1), slice(1, 4), slice(4, 5), slice(5, 7)))
+    assert parts.keys() == whole.keys()
+    got, want = metric_values(parts), metric_values(whole)
+    for key in whole:
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+        assert float(parts[key].weight) == float(whole[key].weight), key

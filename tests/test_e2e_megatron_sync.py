@@ -40,6 +40,7 @@ def _server_logprobs(urls):
 
 
 def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp, mode="distributed"):
+    from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
     from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -53,7 +54,8 @@ def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp,
     initialize_parallel(parallel)
     chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
     load_hf_checkpoint(chunks, model_dir)
-    actor = Actor(chunks, ActorConfig(optimizer=OptimizerConfig(lr=3e-2)))
+    cfg = ActorConfig(optimizer=OptimizerConfig(lr=3e-2))
+    actor = Actor(chunks, cfg, objective=Objective(cfg))
     ids = torch.tensor([PROMPT + COMPLETION] * 4)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, len(PROMPT):] = True

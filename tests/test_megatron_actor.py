@@ -37,6 +37,7 @@ def make_batch(n=8, max_len=12, vocab=50, seed=0):
 
 
 def train(rank, world_size, model_dir, tp, pp, fused):
+    from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig
     from maspo_megatron.megatron.convert import export_hf, load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -50,7 +51,7 @@ def train(rank, world_size, model_dir, tp, pp, fused):
         loss="maspo", temperature=0.9, micro_batch_tokens=30, fused_logprobs=fused,
         logprob_chunk_tokens=7, optimizer=OptimizerConfig(lr=1e-4, clip_grad=1.0),
     )
-    actor = Actor(chunks, cfg)
+    actor = Actor(chunks, cfg, objective=Objective(cfg))
     batch = make_batch()
     batch.old_logprobs, _ = actor.compute_logprobs(batch)
     out = {"old_logprobs": batch.old_logprobs, "metrics": []}
@@ -92,6 +93,7 @@ def test_maspo_steps_tp2_pp2_match_single_rank_and_lower_loss(tmp_path):
 def train_on_gpu(rank, world_size, model_dir):
     from transformers import AutoModelForCausalLM
 
+    from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig
     from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -109,7 +111,8 @@ def train_on_gpu(rank, world_size, model_dir):
     for fused in (False, True):
         chunks = build_model(model_dir, parallel, dtype=torch.bfloat16, make_vocab_size_divisible_by=8)
         load_hf_checkpoint(chunks, model_dir)
-        actor = Actor(chunks, ActorConfig(fused_logprobs=fused, optimizer=OptimizerConfig(lr=1e-3)))
+        cfg = ActorConfig(fused_logprobs=fused, optimizer=OptimizerConfig(lr=1e-3))
+        actor = Actor(chunks, cfg, objective=Objective(cfg))
         batch.old_logprobs, _ = actor.compute_logprobs(batch)
         losses = [actor.train_step(batch)["loss"] for _ in range(3)]
         out[fused] = {"old": batch.old_logprobs, "losses": losses}

@@ -203,6 +203,7 @@ def test_bad_steps_are_reported_and_training_stops_after_max_bad_steps(trainer_f
 def nonfinite_steps(rank, world_size, model_dir):
     from test_megatron_actor import make_batch
 
+    from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig
     from maspo_megatron.megatron.convert import export_hf, load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -212,7 +213,8 @@ def nonfinite_steps(rank, world_size, model_dir):
     initialize_parallel(parallel)
     chunks = build_model(model_dir, parallel, dtype=torch.float32)
     load_hf_checkpoint(chunks, model_dir)
-    actor = Actor(chunks, ActorConfig(num_mini_batches=2, optimizer=OptimizerConfig(lr=1e-3)))
+    cfg = ActorConfig(num_mini_batches=2, optimizer=OptimizerConfig(lr=1e-3))
+    actor = Actor(chunks, cfg, objective=Objective(cfg))
 
     def params():
         return {k: v.detach().clone() for k, v in export_hf(actor.model)}

@@ -16,11 +16,13 @@ Every loss has the signature
 Inputs in half precision are computed in float32. The ratio is r = exp(clamp(logp - logp_old,
 -c, c)) with c = ``cfg.log_ratio_clamp`` (20), so a stale or garbage log-prob cannot produce inf.
 
-Metrics are detached 0-dim float32 tensors computed over *this call's* masked tokens (per rank,
-per micro-batch; nothing is all-reduced here). The caller reduces them across micro-batches and
-ranks: keys ending in ``_max`` with MAX, every other key as a mean weighted by the number of
-tokens it is averaged over (``mask.sum()``; for the sign-split MASPO fractions, the number of
-tokens of that advantage sign). Shared keys:
+Metrics are :class:`~maspo_megatron.algo.metrics.Metric` ``(total, weight)`` pairs computed
+over *this call's* masked elements (per rank, per micro-batch; nothing is all-reduced here):
+a mean carries the sum and the number of elements it averages over (all response tokens; the
+tokens of one advantage sign for the MASPO fractions; tokens with A != 0 for the MASPO width;
+sequences for GSPO's sequence ratio), a ``*_max`` key the maximum. The caller reduces them over
+micro-batches and ranks as sum(total) / sum(weight) (MAX for maxima): see ``algo.metrics``,
+whose ``metric_values`` turns them into numbers. Shared keys:
 
 - ``policy/ratio_mean``, ``policy/ratio_max``: the token ratio r = pi_theta / pi_old.
 - ``policy/approx_kl_k3``: Schulman's k3 estimator of KL(pi_old || pi_theta) from tokens sampled
@@ -37,7 +39,8 @@ from typing import Callable
 
 import torch
 
-Metrics = dict[str, torch.Tensor]
+from maspo_megatron.algo.metrics import Metrics, max_metric, mean_metric
+
 LossFn = Callable[..., tuple[torch.Tensor, Metrics]]
 
 #: TIS cap used when rollout log-probs are given and no cap is.
@@ -77,24 +80,11 @@ def _log_ratio(logprobs, old_logprobs, clamp):
     return torch.clamp(logprobs - old_logprobs, -clamp, clamp)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Detached float32 mean of ``x`` over ``mask`` (0 when the mask is empty)."""
-    x = x.detach().float()
-    count = mask.sum().clamp(min=1)
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / count
-
-
-def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Detached float32 max of ``x`` over ``mask`` (0 when empty; no host sync)."""
-    top = x.detach().float().masked_fill(~mask, float("-inf")).amax()
-    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-
-
 def _ratio_metrics(log_ratio, ratio, mask) -> Metrics:
     return {
-        "policy/ratio_mean": masked_mean(ratio, mask),
-        "policy/ratio_max": _masked_max(ratio, mask),
-        "policy/approx_kl_k3": masked_mean(ratio - 1 - log_ratio, mask),
+        "policy/ratio_mean": mean_metric(ratio, mask),
+        "policy/ratio_max": max_metric(ratio, mask),
+        "policy/approx_kl_k3": mean_metric(ratio - 1 - log_ratio, mask),
     }
 
 
@@ -256,10 +246,10 @@ def maspo_token_loss(
     pos, neg = mask & (A > 0), mask & (A < 0)
     metrics = _ratio_metrics(log_ratio, r, mask)
     metrics.update({
-        "maspo/gated_frac_pos": masked_mean(gated, pos),
-        "maspo/gated_frac_neg": masked_mean(gated, neg),
-        "maspo/gate_mean": masked_mean(w, mask),
-        "maspo/sigma_mean": masked_mean(s, pos | neg),
+        "maspo/gated_frac_pos": mean_metric(gated, pos),
+        "maspo/gated_frac_neg": mean_metric(gated, neg),
+        "maspo/gate_mean": mean_metric(w, mask),
+        "maspo/sigma_mean": mean_metric(s, pos | neg),
     })
     return loss, metrics
 
@@ -287,8 +277,8 @@ def _ppo_clip(logprobs, old_logprobs, advantages, mask, cfg, eps_low, eps_high, 
         dual = (A < 0) & (loss > -c * A)
         loss = torch.where(A < 0, torch.minimum(loss, -c * A), loss)
         clipped = clipped | dual
-        metrics[f"{name}/dual_clip_frac"] = masked_mean(dual, mask)
-    metrics[f"{name}/clip_frac"] = masked_mean(clipped, mask)
+        metrics[f"{name}/dual_clip_frac"] = mean_metric(dual, mask)
+    metrics[f"{name}/clip_frac"] = mean_metric(clipped, mask)
     return loss, metrics
 
 
@@ -331,7 +321,7 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, cfg: SAPOConfig):
     sig = torch.sigmoid(tau * (r - 1))
     loss = -A * sig * 4 / tau
     metrics = _ratio_metrics(log_ratio, r, mask)
-    metrics["sapo/grad_weight_mean"] = masked_mean(4 * sig * (1 - sig), mask)
+    metrics["sapo/grad_weight_mean"] = mean_metric(4 * sig * (1 - sig), mask)
     return loss, metrics
 
 
@@ -361,9 +351,9 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, cfg: GSPOConfig):
     loss = torch.maximum(-A * s, -A * torch.clamp(s, 1 - cfg.eps_low, 1 + cfg.eps_high))
     clipped = ((A > 0) & (s_val > 1 + cfg.eps_high)) | ((A < 0) & (s_val < 1 - cfg.eps_low))
     metrics = _ratio_metrics(log_ratio, torch.exp(log_ratio), mask)
-    metrics["gspo/seq_ratio_mean"] = masked_mean(torch.exp(seq_log_ratio).squeeze(1),
+    metrics["gspo/seq_ratio_mean"] = mean_metric(torch.exp(seq_log_ratio).squeeze(1),
                                                  mask.any(dim=1))
-    metrics["gspo/clip_frac"] = masked_mean(clipped, mask)
+    metrics["gspo/clip_frac"] = mean_metric(clipped, mask)
     return loss, metrics
 
 
@@ -385,7 +375,7 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, cfg: CISPOConfig):
     weight = torch.clamp(r, low, 1 + cfg.eps_high)
     loss = -weight * A * logprobs
     metrics = _ratio_metrics(log_ratio, r, mask)
-    metrics["cispo/clip_frac"] = masked_mean(weight != r, mask)
+    metrics["cispo/clip_frac"] = mean_metric(weight != r, mask)
     return loss, metrics
 
 
@@ -471,8 +461,8 @@ def policy_loss(
         w = truncated_is_weight(old_logprobs, rollout_logprobs, cap).to(loss.dtype)
         loss = loss * w
         m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-        metrics["tis/weight_mean"] = masked_mean(w, m)
-        metrics["tis/capped_frac"] = masked_mean(w >= cap, m)
+        metrics["tis/weight_mean"] = mean_metric(w, m)
+        metrics["tis/capped_frac"] = mean_metric(w >= cap, m)
     elif tis_cap is not None:
         raise ValueError("tis_cap was given without rollout_logprobs")
     return loss, metrics

@@ -5,6 +5,9 @@ data-parallel rank, packs them into micro-batches by a token budget, and runs me
 own pipeline schedule, DDP and (distributed) optimizer. Log-probs and entropy come from the
 vocab-parallel ops in ``maspo_megatron.ops``: the logits stay sharded over the TP group.
 
+The RL objective (policy loss, IS correction, KL, entropy, aggregation) is not the actor's: it
+is handed an :class:`~maspo_megatron.algo.objective.Objective` and calls it per micro-batch.
+
 Loss normalisation: the global counts (response tokens, sequences) of a mini-batch are known
 on every rank before the step, so each micro-batch's loss is ``sum(local tokens) / global
 count`` and the accumulated gradient equals that of one big batch. megatron's schedule divides
@@ -22,18 +25,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.algo.aggregation import AggregationConfig, aggregate, global_counts
-from maspo_megatron.algo.losses import (
-    CISPOConfig,
-    ClipHigherConfig,
-    GRPOConfig,
-    GSPOConfig,
-    MASPOConfig,
-    PolicyLossConfig,
-    SAPOConfig,
-    get_loss,
-    policy_loss,
-)
+from maspo_megatron.algo.metrics import is_max_metric, metric_value
+from maspo_megatron.algo.objective import Objective, ObjectiveConfig
 from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
 from maspo_megatron.runtime import device
 
@@ -102,26 +95,11 @@ class OptimizerConfig:
 
 
 @dataclass
-class LossConfigs:
-    """One typed config per policy loss; ``ActorConfig.loss`` picks the active one."""
+class ActorConfig(ObjectiveConfig):
+    """What one train step does. The objective's keys (loss, losses, aggregation, entropy_coef,
+    kl_coef, tis_cap) are ``ObjectiveConfig``'s (``algo.objective``): they configure the
+    :class:`Objective` the actor is handed, and the actor itself never reads them."""
 
-    maspo: MASPOConfig = field(default_factory=MASPOConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    clip_higher: ClipHigherConfig = field(default_factory=ClipHigherConfig)
-    sapo: SAPOConfig = field(default_factory=SAPOConfig)
-    gspo: GSPOConfig = field(default_factory=GSPOConfig)
-    cispo: CISPOConfig = field(default_factory=CISPOConfig)
-
-
-@dataclass
-class ActorConfig:
-    """What one train step does."""
-
-    loss: str = "maspo"
-    """Policy loss name (``algo.losses``): maspo, grpo, clip_higher, sapo, gspo, cispo."""
-    losses: LossConfigs = field(default_factory=LossConfigs)
-    """Per-loss settings (paper defaults); only ``losses.<loss>`` is used."""
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     temperature: float = 1.0
     """Sampling temperature of the rollouts: log-probs are of softmax(logits / temperature)."""
     num_mini_batches: int = 1
@@ -135,27 +113,14 @@ class ActorConfig:
     Engine's attention; None packs exactly when the model uses the TE layer spec."""
     logprob_chunk_tokens: int | None = None
     """Tokens per chunk in the log-prob op (bounds its extra memory); None: one pass."""
-    entropy_coef: float = 0.0
-    """Entropy bonus (subtracted from the loss)."""
-    kl_coef: float = 0.0
-    """Weight of the k3 KL estimate to a reference policy (needs ``ref_logprobs`` in the batch)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling against the rollout engine's log-probs, capped at this
-    weight (2.0 is the usual choice); None disables it."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self):
-        get_loss(self.loss)  # raises with the valid names
-        if not hasattr(self.losses, self.loss):
-            raise ValueError(f"actor.losses has no section for loss {self.loss!r}")
+        super().__post_init__()
         if self.num_mini_batches < 1 or self.micro_batch_tokens < 1:
             raise ValueError("actor.num_mini_batches and actor.micro_batch_tokens must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
-
-    @property
-    def loss_config(self) -> PolicyLossConfig:
-        return getattr(self.losses, self.loss)
 
 
 @dataclass
@@ -304,21 +269,19 @@ def pad_micro_batch(micro: dict[str, torch.Tensor], multiple: int) -> dict[str, 
     return {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in micro.items()}
 
 
-def _k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    # Schulman's k3 estimator of KL(pi || ref): unbiased, non-negative, low variance.
-    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
 class Actor:
     """Policy (or reference) model under megatron-core with log-prob and train passes."""
 
-    def __init__(self, model_chunks: list, cfg: ActorConfig, *, trainable: bool = True):
+    def __init__(self, model_chunks: list, cfg: ActorConfig, *, objective: Objective | None = None,
+                 trainable: bool = True):
+        """``objective``: what ``train_step`` minimises (``algo.objective.Objective``, usually
+        ``Objective(cfg)``); an actor that only computes log-probs needs none."""
         from megatron.core import parallel_state as ps
 
         from maspo_megatron.megatron.model import model_spec
 
         self.cfg = cfg
+        self.objective = objective
         self.spec = model_spec(model_chunks[0])
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism in the actor (CP-aware log-prob slicing) is not implemented")
@@ -529,30 +492,12 @@ class Actor:
         return stacked[0], (stacked[1] if entropy else None)
 
     def _loss(self, counts: dict, num_micro: int, m: dict, output):
-        cfg = self.cfg
-        mask = m["response_mask"]
-        need_entropy = cfg.entropy_coef > 0
         lp, ent = self._logprobs(output, m, entropy=True)
-        adv = m["advantages"]
-        if adv.dim() == 1:
-            adv = adv[:, None].expand_as(lp)
-        loss_tok, metrics = policy_loss(
-            cfg.loss, cfg.loss_config, lp, m["old_logprobs"], adv, mask,
-            rollout_logprobs=m.get("rollout_logprobs") if cfg.tis_cap is not None else None,
-            tis_cap=cfg.tis_cap,
-        )
-        if cfg.kl_coef > 0:
-            kl = _k3_kl(m["ref_logprobs"], lp)
-            loss_tok = loss_tok + cfg.kl_coef * kl
-            metrics["kl_ref"] = kl[mask].mean() if mask.any() else kl.sum() * 0
-        if need_entropy:
-            loss_tok = loss_tok - cfg.entropy_coef * ent
-        loss = aggregate(cfg.aggregation, loss_tok, mask, global_num_tokens=counts["tokens"],
-                         global_num_seqs=counts["seqs"])
-        n_tok = mask.sum()
-        reported = {k: v.detach().float() * (1 if _is_max(k) else n_tok) for k, v in metrics.items()}
-        reported["entropy"] = ent.detach().float()[mask].sum()
-        reported["_tokens"] = n_tok.float()
+        loss, metrics = self.objective(lp, ent, m, counts)
+        # Each metric as [total, weight] (algo.metrics): reduced by plain sums over
+        # micro-batches and DP ranks (MAX for the totals of *_max keys).
+        reported = {k: torch.stack([v.total.float(), v.weight.float()]).detach()
+                    for k, v in metrics.items()}
         reported["loss"] = loss.detach().float()
         # Undo megatron's per-micro-batch and data-parallel averaging (module docstring).
         return loss * (num_micro * self.dp_size), reported
@@ -560,17 +505,21 @@ class Actor:
     def train_step(self, batch: SequenceBatch) -> dict[str, float]:
         """One train step: ``num_mini_batches`` optimizer steps over ``batch``.
 
-        ``batch`` must carry ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when
-        ``kl_coef > 0``). Returns metrics averaged over mini-batches; a mini-batch whose loss is
-        not finite, or whose gradients are not, is skipped (no update) and counted in
-        ``skipped_steps``.
+        The loss is the objective the actor was handed; ``batch`` must carry the fields it
+        reads (``objective.required_fields``: ``advantages`` and ``old_logprobs``, plus
+        ``ref_logprobs`` when ``kl_coef > 0``, ``rollout_logprobs`` with TIS). Returns metrics
+        averaged over mini-batches; a mini-batch whose loss is not finite, or whose gradients
+        are not, is skipped (no update) and counted in ``skipped_steps``.
         """
         if self.optimizer is None:
             raise RuntimeError("this Actor was built with trainable=False")
-        if batch.advantages is None or batch.old_logprobs is None:
-            raise ValueError("train_step needs a batch with advantages and old_logprobs")
-        if self.cfg.kl_coef > 0 and batch.ref_logprobs is None:
-            raise ValueError("actor.kl_coef > 0 needs ref_logprobs in the batch")
+        if self.objective is None:
+            raise RuntimeError("this Actor was built without an objective: pass "
+                               "Actor(..., objective=Objective(cfg)) (maspo_megatron.algo.objective)")
+        missing = [f for f in self.objective.required_fields if getattr(batch, f) is None]
+        if missing:
+            raise ValueError(f"train_step needs a batch with {' and '.join(missing)} "
+                             f"(for {self.objective!r})")
         for chunk in self.model:
             chunk.train()
         start = time.perf_counter()
@@ -580,7 +529,7 @@ class Actor:
                              f"{self.cfg.num_mini_batches}")
         history: list[dict[str, float]] = []
         for index in torch.arange(n).chunk(self.cfg.num_mini_batches):
-            counts = global_counts(batch.response_mask[index])
+            counts = self.objective.counts(batch.response_mask[index])
             micro = self._micro_batches(batch, index)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
@@ -588,6 +537,7 @@ class Actor:
             reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
                                          forward_only=False, entropy=True)
             metrics = self._reduce_metrics(reduced)
+            metrics["response_tokens"] = float(batch.response_mask[index].sum())
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()
                 if ok:  # as in Megatron-LM: a skipped update does not advance the LR schedule
@@ -607,28 +557,36 @@ class Actor:
         return out
 
     def _reduce_metrics(self, reduced: list[dict]) -> dict[str, float]:
-        """Token-weighted means (maxima for ``*_max``) over micro-batches and DP ranks.
+        """Each metric's sum(total) / sum(weight) over micro-batches and DP ranks (the maximum
+        for ``*_max`` keys); ``loss`` is the sum of the micro-batch losses (each already a share
+        of the global objective).
 
         Computed on the last pipeline stage and sent to every stage, so any rank can log them.
         """
-        holder = [sorted(reduced[0]) if reduced else None]
+        holder = [sorted(k for k in reduced[0] if k != "loss") if reduced else None]
         dist.broadcast_object_list(holder, src=self.pp_last_rank, group=self.pp_group)
-        values = {}
-        for op, keys in ((dist.ReduceOp.SUM, [k for k in holder[0] if not _is_max(k)]),
-                         (dist.ReduceOp.MAX, [k for k in holder[0] if _is_max(k)])):
-            acc = torch.zeros(len(keys), dtype=torch.float64)
-            for r in reduced:
-                v = torch.stack([r[k].double().cpu() for k in keys]) if keys else acc
-                acc = acc + v if op == dist.ReduceOp.SUM else torch.maximum(acc, v)
-            acc = acc.to(device())
+        keys = holder[0]
+        maxima = [i for i, k in enumerate(keys) if is_max_metric(k)]
+        pairs = torch.zeros(len(keys), 2, dtype=torch.float64)
+        top = torch.zeros(len(maxima), dtype=torch.float64)
+        loss = torch.zeros(1, dtype=torch.float64)
+        for r in reduced:
+            if keys:
+                v = torch.stack([r[k].double().cpu() for k in keys])
+                pairs += v
+                top = torch.maximum(top, v[maxima, 0])
+            loss += r["loss"].double().cpu()
+        summed = torch.cat([pairs.flatten(), loss]).to(device())
+        top = top.to(device())
+        for acc, op in ((summed, dist.ReduceOp.SUM), (top, dist.ReduceOp.MAX)):
+            if not acc.numel():
+                continue  # no *_max key (the same on every rank: keys came from one stage)
             dist.all_reduce(acc, op=op, group=self.dp_group)
             dist.broadcast(acc, src=self.pp_last_rank, group=self.pp_group)
-            values.update(zip(keys, acc.cpu().tolist()))
-        tokens = max(values.pop("_tokens"), 1.0)
-        out = {k: v if _is_max(k) or k == "loss" else v / tokens for k, v in values.items()}
-        out["response_tokens"] = tokens
+        summed, top = summed.cpu(), top.cpu().tolist()
+        pairs = summed[:-1].reshape(len(keys), 2)
+        for i, t in zip(maxima, top):
+            pairs[i, 0] = t
+        out = {k: metric_value(k, total, weight) for k, (total, weight) in zip(keys, pairs.tolist())}
+        out["loss"] = float(summed[-1])
         return out
-
-
-def _is_max(key: str) -> bool:
-    return key.endswith("_max")
