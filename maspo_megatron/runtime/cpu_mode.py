@@ -28,6 +28,12 @@ Redirections:
    ``add``/``fork`` swap CUDA generator states around weight init and dropout; on CPU they swap
    the CPU generator's state, which keeps the tracker's semantics (distinct TP streams,
    ``fork`` restores the default stream afterwards).
+5. Activation recompute: megatron's checkpoint functions (``tensor_parallel/random.py``
+   ``CheckpointFunction``, ``CheckpointWithoutOutputFunction``) re-run a layer's forward inside
+   autograd's backward. The mode of 1. dispatched ``torch.autograd.backward`` itself, and torch
+   runs a mode's handler with the mode popped, so the recomputed forward would see no mode (its
+   causal mask, ``transformer/utils.py`` ``device="cuda"``, failed): their ``backward`` runs under
+   the mode again.
 """
 
 from __future__ import annotations
@@ -129,6 +135,17 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _patch_megatron_recompute() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for cls in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        def backward(ctx, *grads, _backward=cls.backward):
+            with _CudaToCpuMode():
+                return _backward(ctx, *grads)
+
+        cls.backward = staticmethod(backward)
+
+
 def _quiet_cpu_warnings() -> None:
     # megatron-core warns about GPU-only fusions (TE, Apex, CUDA_DEVICE_MAX_CONNECTIONS) that
     # cannot exist on CPU; on every rank and every step they would bury the training output.
@@ -158,6 +175,7 @@ def enable_cpu_mode() -> None:
             )
         _patch_torch_cuda()
         _patch_megatron_rng()
+        _patch_megatron_recompute()
         _quiet_cpu_warnings()
         # Entered for the life of the process; torch keeps the mode stack per thread, so
         # megatron's helper threads would need their own (none are used on CPU).
