@@ -1,14 +1,17 @@
-"""Weight-sync throughput: distributed (flattened_bucket broadcast) and disk modes vs raw broadcast.
+"""Weight-sync throughput into real SGLang servers: distributed (flattened_bucket broadcast),
+distributed + the log-prob proof, and disk, each against a raw broadcast of the same bytes.
 
 Prints seconds and GB/s of a full ``WeightSyncer.sync`` for a synthetic Llama of about
-``--size-mb`` megabytes, next to the raw bandwidth of ``torch.distributed.broadcast`` of the same
-bytes in the same bucket size to the same number of receiver processes, measured in this
-process with the same group mechanism. The ratio sync/raw is the overhead of the protocol
-(HTTP, packing, loading into the model).
+``--size-mb`` megabytes, next to ``torch.distributed.broadcast`` of the same bytes in the same
+bucket sizes to the same number of receiver processes, measured in this process with the same
+group mechanism. The ratio sync/raw is the protocol's overhead (HTTP, session, packing, loading
+into the model, pause/continue; with the proof also its probe prefills on every server). Median
+and spread over ``--repeats``.
 
-CPU (default): starts ``--num-servers`` CPU servers (gloo). GPU: pass ``--server-urls`` of running
-SGLang servers and ``--model-path`` of the checkpoint they serve; the trainer side then uses NCCL
-from ``cuda:0`` (the raw baseline needs one extra local GPU per receiver).
+CPU (default): starts ``--num-servers`` real SGLang servers on their CPU engine (gloo). GPU: pass
+``--server-urls`` of running SGLang servers and ``--model-path`` of the checkpoint they serve; the
+trainer side then uses NCCL from ``cuda:0`` (the raw baseline needs one extra local GPU per
+receiver).
 
     python benchmarks/weight_sync.py --size-mb 256 --bucket-mb 64 --num-servers 1
 """
@@ -24,9 +27,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from maspo_megatron.rollout.protocol import init_weight_update_group
-from maspo_megatron.rollout.servers import ServerManager, cpu_server_command, free_port
-from maspo_megatron.rollout.weight_sync import WeightSyncConfig, WeightSyncer
+import statistics
+
+from maspo_megatron.rollout.backend import ServerSpec, get_backend
+from maspo_megatron.rollout.client import RolloutClient
+from maspo_megatron.rollout.servers import ServerManager, free_port
+from maspo_megatron.rollout.weight_sync import (
+    ProofConfig, WeightSyncConfig, WeightSyncer, init_weight_update_group, iter_buckets,
+)
+from maspo_megatron.weight_publisher import WeightProof
 
 
 def build_model(size_mb: float, path: str):
@@ -85,7 +94,7 @@ def main() -> None:
     ap.add_argument("--num-servers", type=int, default=1)
     ap.add_argument("--server-urls", nargs="*", default=None)
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     tmp = tempfile.mkdtemp(prefix="wsync_bench_")
@@ -96,8 +105,10 @@ def main() -> None:
         manager, urls = None, args.server_urls
     else:
         model = build_model(args.size_mb, os.path.join(tmp, "model"))
-        manager = ServerManager(lambda p: cpu_server_command(os.path.join(tmp, "model"), p),
-                                args.num_servers, startup_timeout_s=300, log_dir=tmp)
+        spec = ServerSpec(os.path.join(tmp, "model"), device="cpu")
+        backend_impl = get_backend("sglang")
+        manager = ServerManager(lambda p, h: backend_impl.server_command(spec, p, h),
+                                args.num_servers, startup_timeout_s=600, log_dir=tmp)
         urls = manager.start()
     tensors = list(model.state_dict().items())
     total = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -107,29 +118,37 @@ def main() -> None:
         tensors = [(n, t.cuda()) for n, t in tensors]
     print(f"model {total / 1e6:.1f} MB in {len(tensors)} tensors, bucket {bucket / 1e6:.0f} MB, "
           f"{len(urls)} server(s), backend {backend}")
+    proof = WeightProof(ProofConfig(), model.config.vocab_size, 1, ProofConfig().tolerance("fp32"))
+    with torch.no_grad():  # the "trainer's" probe log-probs: this process's HF model
+        logits = model(input_ids=proof.ids).logits.float()
+        ours = torch.log_softmax(logits[:, :-1], -1).gather(-1, proof.ids[:, 1:, None])[..., 0]
+    client = RolloutClient(urls)
+    sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in iter_buckets(tensors, bucket)]
+    times = {k: [] for k in ("raw", "distributed", "distributed + proof", "disk")}
     try:
-        results = {}
-        dist_cfg = WeightSyncConfig(bucket_bytes=bucket, backend=backend, verify=False)
-        syncer = WeightSyncer(urls, dist_cfg)
+        syncer = WeightSyncer(urls, WeightSyncConfig(bucket_bytes=bucket, backend=backend))
         syncer.connect()
-        results["distributed"] = min(syncer.sync(iter(tensors), version=f"b{i}").seconds
-                                     for i in range(args.repeats))
+        disk = WeightSyncer(urls, WeightSyncConfig(mode="disk", disk_dir=tmp))
+        # Interleaved, so that machine noise hits every path alike.
+        for i in range(args.repeats):
+            times["raw"].append(raw_broadcast(sizes, len(urls), backend))
+            times["distributed"].append(syncer.sync(iter(tensors), version=f"b{i}").seconds)
+            t0 = time.monotonic()
+            syncer.sync(iter(tensors), version=f"p{i}")
+            proof.compare(ours, client, urls, f"p{i}")
+            times["distributed + proof"].append(time.monotonic() - t0)
+            times["disk"].append(disk.sync(iter(tensors), version=f"d{i}").seconds)
         syncer.close()
-        disk = WeightSyncer(urls, WeightSyncConfig(mode="disk", disk_dir=tmp, verify=False))
-        results["disk"] = min(disk.sync(iter(tensors), version=f"d{i}").seconds
-                              for i in range(args.repeats))
-        from maspo_megatron.rollout.weight_sync import iter_buckets
-
-        sizes = [sum(t.numel() * t.element_size() for _, t in b)
-                 for b in iter_buckets(tensors, bucket)]
-        raw = min(raw_broadcast(sizes, len(urls), backend) for _ in range(args.repeats))
     finally:
         if manager is not None:
             manager.stop()
-    print(f"{'path':<28}{'seconds':>10}{'GB/s':>10}{'vs raw':>10}")
-    print(f"{'raw broadcast (' + backend + ')':<28}{raw:>10.3f}{total / raw / 1e9:>10.3f}{1.0:>10.2f}")
-    for mode, sec in results.items():
-        print(f"{'sync ' + mode:<28}{sec:>10.3f}{total / sec / 1e9:>10.3f}{sec / raw:>10.2f}")
+    raw = statistics.median(times["raw"])
+    print(f"{'path':<24}{'median s':>10}{'min s':>9}{'max s':>9}{'GB/s':>8}{'vs raw':>8}")
+    for mode, secs in times.items():
+        med = statistics.median(secs)
+        label = "raw broadcast (" + backend + ")" if mode == "raw" else "sync " + mode
+        print(f"{label:<24}{med:>10.3f}{min(secs):>9.3f}{max(secs):>9.3f}{total / med / 1e9:>8.3f}"
+              f"{med / raw:>8.2f}")
 
 
 if __name__ == "__main__":

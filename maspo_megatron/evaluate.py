@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from maspo_megatron.config import ConfigError
 from maspo_megatron.data import DataConfig, PromptDataset, load_tokenizer
 from maspo_megatron.generation import RolloutConfig, RolloutEngine
+from maspo_megatron.rollout.backend import SamplingConfig
 from maspo_megatron.reward import RewardConfig, RewardPool
 
 
@@ -23,7 +24,9 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """``data.eval_path`` is the dataset evaluated."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=0.6, top_p=0.95))
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
+        sampling=SamplingConfig(temperature=0.6, top_p=0.95)))
+    """Evaluation may filter (top-p/top-k): no log-probs are trained on here."""
     k: int = 16
     max_prompts: int | None = None
     seed: int = 0

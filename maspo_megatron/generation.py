@@ -1,63 +1,62 @@
 """Rollout generation for training and evaluation: servers up, prompts out, scored groups back.
 
-Runs on the driver (global rank 0). Wires ``rollout/`` (HTTP to SGLang-protocol servers) to
+Runs on the driver (global rank 0). Wires ``rollout/`` (HTTP to the rollout backend's servers) to
 ``reward/`` (verifiers in worker processes); knows nothing of Megatron.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from maspo_megatron.rollout.backend import SamplingConfig, SamplingParams, ServerSpec, get_backend
 from maspo_megatron.rollout.client import RolloutClient, RolloutClientConfig, RolloutRequest
-from maspo_megatron.rollout.protocol import SamplingParams
-from maspo_megatron.rollout.servers import (
-    RouterManager,
-    ServerManager,
-    SGLangServerConfig,
-    cpu_server_command,
-    sglang_server_command,
-)
+from maspo_megatron.rollout.servers import RouterManager, ServerManager
 
 
 @dataclass
 class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
-    """Running servers to attach to (e.g. a Slurm het-job component); empty: launch ``engine``."""
+    """Running servers to attach to (e.g. a Slurm het-job component); empty: launch them."""
     engine: str = "sglang"
-    """What to launch when ``server_urls`` is empty: ``sglang`` or ``cpu`` (the CPU server)."""
-    cpu_server_device: str = "cpu"
-    """Where the ``cpu`` engine's HF model runs: ``cpu``, or ``cuda`` (small-scale GPU runs,
-    and colocated CUDA-IPC weight sync without SGLang)."""
+    """The rollout backend (``rollout/backend.py``); SGLang is the one there is."""
+    device: str = "cuda"
+    """Where launched servers run: ``cuda``, or ``cpu`` (SGLang's CPU engine: demo, CI, laptop)."""
     num_servers: int = 1
     sglang_tp: int = 1
-    """Tensor-parallel size of each SGLang server."""
+    """Tensor-parallel size of each server."""
+    dtype: str | None = None
+    """Server dtype (e.g. ``bfloat16``); None: the checkpoint's."""
     mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    """KV-cache capacity per server in tokens (None: the engine's choice; CPU: 16384)."""
     use_router: bool = True
-    """Send /generate through sglang-router (weight updates always go to each server)."""
+    """Send generate requests through sglang-router (weight updates always go to each server)."""
     router_url: str | None = None
     """An already running router (with ``server_urls``)."""
     n_samples: int = 8
     """Responses per prompt (the GRPO group size)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 1024
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     startup_timeout_s: float = 900.0
     client: RolloutClientConfig = field(default_factory=RolloutClientConfig)
 
     def __post_init__(self):
-        if self.engine not in ("sglang", "cpu"):
-            raise ValueError(f"rollout.engine must be 'sglang' or 'cpu', got {self.engine!r}")
+        get_backend(self.engine)  # raises naming the valid engines
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"rollout.device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.n_samples < 2:
             raise ValueError("rollout.n_samples must be >= 2 (group-relative advantages need a group)")
-        if self.temperature <= 0:
-            raise ValueError("rollout.temperature must be > 0 (the trainer's log-probs use it)")
-        if self.cpu_server_device not in ("cpu", "cuda"):
-            raise ValueError(f"rollout.cpu_server_device must be 'cpu' or 'cuda', got {self.cpu_server_device!r}")
+        if self.num_servers < 1 and not self.server_urls:
+            raise ValueError("rollout.num_servers must be >= 1 (or give rollout.server_urls)")
+
+    def server_spec(self, model_path: str) -> ServerSpec:
+        return ServerSpec(model_path=model_path, tp_size=self.sglang_tp, device=self.device,
+                          dtype=self.dtype, mem_fraction_static=self.mem_fraction_static,
+                          max_total_tokens=self.max_total_tokens)
 
 
 @dataclass
@@ -77,25 +76,26 @@ class RolloutGroup:
 class RolloutEngine:
     """Launches (or attaches to) the servers and router, samples prompt groups and scores them."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, tokenizer, rewards, log_dir: str):
+    def __init__(self, cfg: RolloutConfig, model_path: str, tokenizer, rewards, log_dir: str,
+                 vocab_size: int | None = None):
         self.cfg = cfg
+        self.backend = get_backend(cfg.engine)
         self.tokenizer = tokenizer
         self.rewards = rewards
         self.router = None
         os.makedirs(log_dir, exist_ok=True)
         if cfg.server_urls:
-            self.servers = ServerManager.attach(cfg.server_urls, startup_timeout_s=cfg.startup_timeout_s)
+            self.servers = ServerManager.attach(cfg.server_urls, startup_timeout_s=cfg.startup_timeout_s,
+                                                health_path=self.backend.health_path)
             self.servers.wait_healthy(self.servers.urls)
         else:
-            if cfg.engine == "cpu":
-                factory = lambda port: cpu_server_command(  # noqa: E731
-                    model_path, port, extra_args=["--device", cfg.cpu_server_device])
-            else:
-                scfg = SGLangServerConfig(model_path=model_path, tp_size=cfg.sglang_tp,
-                                          mem_fraction_static=cfg.mem_fraction_static)
-                factory = lambda port: sglang_server_command(scfg, port)  # noqa: E731
-            self.servers = ServerManager(factory, cfg.num_servers, log_dir=log_dir,
-                                         startup_timeout_s=cfg.startup_timeout_s)
+            spec = cfg.server_spec(model_path)
+            with open(os.path.join(model_path, "config.json")) as f:
+                self.backend.check_model(spec, json.load(f))
+            self.servers = ServerManager(lambda port, host: self.backend.server_command(spec, port, host),
+                                         cfg.num_servers, log_dir=log_dir,
+                                         startup_timeout_s=cfg.startup_timeout_s,
+                                         health_path=self.backend.health_path)
             self.servers.start()
         gen_urls = self.servers.urls
         if cfg.router_url:
@@ -104,7 +104,7 @@ class RolloutEngine:
             self.router = RouterManager(self.servers.urls, log_dir=log_dir)
             self.router.start()
             gen_urls = [self.router.url]
-        self.client = RolloutClient(gen_urls, cfg.client)
+        self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size)
         if self.servers.procs and self.router is None:
             # Without a router the client picks servers itself: tell it about restarts.
             self.servers.watch(self.client.mark_down, self.client.mark_up)
@@ -120,20 +120,16 @@ class RolloutEngine:
         """Each server's own URL (weight updates never go through the router)."""
         return self.servers.urls
 
-    def _sampling(self, seed: int, temperature: float | None) -> SamplingParams:
+    def _sampling(self, seed: int) -> SamplingParams:
         eos = self.tokenizer.eos_token_id
-        return SamplingParams(
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature if temperature is None else temperature,
-            top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-            stop_token_ids=[eos] if eos is not None else None, sampling_seed=seed,
-        )
+        return SamplingParams.from_config(self.cfg.sampling, sampling_seed=seed,
+                                          stop_token_ids=[eos] if eos is not None else None)
 
-    def sample(self, prompts, n: int, seed_base: int, temperature: float | None = None) -> list[RolloutGroup]:
+    def sample(self, prompts, n: int, seed_base: int) -> list[RolloutGroup]:
         """n responses per prompt (one request each, so a retry never duplicates a sample)."""
         requests = [
             RolloutRequest(index=i * n + j, input_ids=tuple(p.prompt_ids),
-                           sampling=self._sampling(seed_base + i * n + j, temperature))
+                           sampling=self._sampling(seed_base + i * n + j))
             for i, p in enumerate(prompts) for j in range(n)
         ]
         samples = self.client.run(requests, progress=_progress_bar("rollout"))

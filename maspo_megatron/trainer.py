@@ -18,7 +18,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +39,7 @@ from maspo_megatron.reward import RewardConfig
 from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig, device
-from maspo_megatron.weight_publisher import WeightPublisher
+from maspo_megatron.weight_publisher import WeightProof, WeightPublisher
 
 logger = logging.getLogger("maspo_megatron")
 
@@ -124,8 +123,11 @@ class TrainerConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     steps: int = 100
+    """RL steps (rollout, update, weight sync) in the whole run, counting those before a resume."""
     prompts_per_step: int = 32
+    """Prompt groups trained on per step (dynamic sampling draws more to fill them)."""
     output_dir: str = "outputs/run"
+    """metrics.jsonl, prompts.jsonl, config.json, checkpoints/, logs/ and tensorboard/ go here."""
     save_every: int = 50
     """Checkpoint interval in steps (0: only at the end)."""
     resume: bool = True
@@ -135,15 +137,26 @@ class TrainerConfig:
     eval_samples: int = 4
     """k of Avg@k / Pass@k during evaluation."""
     eval_prompts: int = 64
+    """How many prompts of ``data.eval_path`` (the first ones) each evaluation uses."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a NaN/Inf loss (each is skipped)."""
     seed: int = 0
+    """Seeds python/numpy/torch and the per-request sampling seeds."""
     tensorboard: bool = True
+    """Also write the metrics as TensorBoard events under ``output_dir/tensorboard``."""
     wandb_project: str | None = None
+    """Log the metrics to this Weights & Biases project (needs ``wandb``); None: off."""
 
     def __post_init__(self):
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError("steps and prompts_per_step must be >= 1")
+        sampling = self.rollout.sampling
+        if sampling.filtered:
+            raise ValueError(
+                f"rollout.sampling.top_p={sampling.top_p} / top_k={sampling.top_k}: the trainer's "
+                "importance ratio is against the unfiltered softmax(logits / T), which is the "
+                "behaviour policy only without top-p/top-k filtering, and no correction for "
+                "filtering is implemented; train with top_p=1.0 and top_k=-1 (eval may filter)")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
@@ -253,7 +266,7 @@ class Trainer:
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.is_driver = self.rank == 0
-        self.engine = self.rewards = self.sink = self.publisher = None
+        self.engine = self.rewards = self.sink = self.publisher = self.proof = None
         self.loader = self.eval_data = self.tokenizer = None
         self.bad_steps = 0
 
@@ -271,11 +284,6 @@ class Trainer:
         if not cfg.model.path or not cfg.data.train_path:
             raise ValueError("model.path (an HF model directory) and data.train_path (.jsonl/.parquet) "
                              "must be set, e.g. model.path=/models/DeepSeek-R1-Distill-Qwen-1.5B")
-        if cfg.actor.temperature != cfg.rollout.temperature:
-            raise ValueError(
-                f"actor.temperature={cfg.actor.temperature} differs from rollout.temperature="
-                f"{cfg.rollout.temperature}: the trainer's log-probs must describe the sampling "
-                "distribution (set both)")
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
         vocab_multiple = cfg.model.make_vocab_size_divisible_by
         if self._resuming():
@@ -290,9 +298,11 @@ class Trainer:
             return chunks
 
         # The actor minimises the RL objective it is handed (algo.objective).
-        self.actor = Actor(hf_model(), cfg.actor, objective=Objective(cfg.actor))
+        temperature = cfg.rollout.sampling.temperature
+        self.actor = Actor(hf_model(), cfg.actor, objective=Objective(cfg.actor), temperature=temperature)
         # The frozen starting policy, for the KL penalty; same layout as the actor.
-        self.ref = Actor(hf_model(), cfg.actor, trainable=False) if cfg.actor.kl_coef > 0 else None
+        self.ref = Actor(hf_model(), cfg.actor, trainable=False, temperature=temperature) \
+            if cfg.actor.kl_coef > 0 else None
         self.start_step = 0
         if self.is_driver:
             self._setup_driver()
@@ -301,6 +311,7 @@ class Trainer:
         dist.broadcast_object_list(urls, src=0)
         self.server_urls = urls[0]
         self.publisher = self._make_publisher()
+        self.proof = self._make_proof()
 
     def _setup_driver(self) -> None:
         from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
@@ -313,8 +324,11 @@ class Trainer:
         if cfg.eval_every and cfg.data.eval_path:
             self.eval_data = PromptDataset(cfg.data.eval_path, cfg.data, self.tokenizer)
         self.rewards = RewardPool.from_config(cfg.reward)
+        if cfg.rollout.dtype is None:  # the servers hold the trainer's precision
+            cfg.rollout.dtype = "float32" if cfg.model.dtype == "fp32" else "bfloat16"
         self.engine = RolloutEngine(cfg.rollout, cfg.model.path, self.tokenizer, self.rewards,
-                                    os.path.join(cfg.output_dir, "logs"))
+                                    os.path.join(cfg.output_dir, "logs"),
+                                    vocab_size=self.actor.spec.vocab_size)
         self.sink = MetricsSink(cfg)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
@@ -323,8 +337,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.weight_sync.mode == "disk" and not cfg.weight_sync.disk_dir:
             cfg.weight_sync.disk_dir = os.path.join(cfg.output_dir, "sync")
-        ranks = cfg.rollout.sglang_tp if cfg.rollout.engine == "sglang" else 1
-        return WeightPublisher(self.server_urls, cfg.weight_sync, engine_ranks_per_server=ranks)
+        return WeightPublisher(self.server_urls, cfg.weight_sync, backend=cfg.rollout.engine,
+                               engine_ranks_per_server=cfg.rollout.sglang_tp)
+
+    def _make_proof(self) -> WeightProof | None:
+        proof = self.cfg.weight_sync.proof
+        if not proof.enabled:
+            return None
+        return WeightProof(proof, self.actor.spec.vocab_size, self.actor.dp_size,
+                           proof.tolerance(self.cfg.model.dtype))
 
     # --------------------------------------------------------------------- checkpoints
     def _ckpt_dir(self) -> str:
@@ -443,7 +464,7 @@ class Trainer:
             "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
             "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
             "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
-            "sync/gbps": sync,
+            **sync,
         }
         if gap is not None:
             metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
@@ -459,12 +480,17 @@ class Trainer:
             self.publisher.reset()
             self._sync(version)
 
-    def _sync(self, version: int) -> float:
+    def _sync(self, version: int) -> dict[str, float]:
+        """Sends the weights and proves the servers now compute the trainer's log-probs."""
         gbps = self.publisher.publish(self.actor.model, version)
+        out = {"sync/gbps": gbps}
+        if self.proof is not None:
+            out.update(self.proof.check(self.actor, self.engine.client if self.is_driver else None,
+                                        self.server_urls, version))
         if self.is_driver:
             # A restarted server comes back with the checkpoint's weights: never use its samples.
             self.engine.client.expected_weight_version = str(version)
-        return gbps
+        return out
 
     def evaluate(self, step: int) -> dict:
         prompts = [self.eval_data[i] for i in range(min(self.cfg.eval_prompts, len(self.eval_data)))]
@@ -473,10 +499,10 @@ class Trainer:
     # --------------------------------------------------------------------- run
     def run(self) -> None:
         cfg = self.cfg
-        # The servers start from the HF checkpoint; after a resume they need the trained weights.
-        if self.start_step > 0:
-            self._sync(self.start_step)
-        elif self.is_driver and cfg.eval_every and self.eval_data is not None:
+        # Launched servers start from the HF checkpoint, attached ones from whatever they hold:
+        # the first sync (and its proof) makes both the trainer's, resumed or not.
+        self._sync(self.start_step)
+        if self.start_step == 0 and self.is_driver and cfg.eval_every and self.eval_data is not None:
             self.sink.log(0, self.evaluate(0))  # the starting policy, for the learning curve
         t_start = time.perf_counter()
         try:
@@ -514,11 +540,7 @@ def train(cfg: TrainerConfig) -> None:
     from maspo_megatron.runtime import destroy_parallel, initialize_parallel
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # Upstream deprecation notices that say nothing about this run (megatron-core 0.19, torch 2.14).
-    for pattern in ("MimoModelConfig is experimental", "full scope is deprecated",
-                    r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    # Upstream deprecation notices and GPU-only fallbacks: runtime/noise.py (before megatron's import).
     # torchrun ends the surviving ranks with SIGTERM when one fails; turning it into SystemExit
     # runs the clean-up below (servers, reward workers, weight-update group, metric files).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -44,6 +44,7 @@ from maspo_megatron.algo.objective import LossConfigs
 from maspo_megatron.data import DataConfig
 from maspo_megatron.megatron.actor import ActorConfig, OptimizerConfig
 from maspo_megatron.reward import RewardConfig
+from maspo_megatron.rollout.backend import SamplingConfig
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig
 from maspo_megatron.trainer import AlgorithmConfig, ModelConfig, RolloutConfig, TrainerConfig
@@ -74,7 +75,6 @@ def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp
             loss="maspo",
             losses=LossConfigs(maspo=MASPOConfig()),  # [M] defaults, identical to the README's
             aggregation=AggregationConfig(mode="token_mean_global"),  # [M] token-mean
-            temperature=TEMPERATURE,
             num_mini_batches=NUM_MINI_BATCHES,  # [D] 16
             micro_batch_tokens=MAX_PROMPT_LEN + MAX_RESPONSE_LEN,  # [D] ppo_max_token_len
             entropy_coef=0.0,  # [M]
@@ -93,8 +93,8 @@ def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp
         rollout=RolloutConfig(
             engine="sglang", sglang_tp=sglang_tp, use_router=True,  # [R]
             n_samples=SAMPLES_PER_PROMPT,  # [D]
-            temperature=TEMPERATURE, top_p=1.0, top_k=-1,  # [D]
-            max_new_tokens=MAX_RESPONSE_LEN,  # [D]
+            sampling=SamplingConfig(temperature=TEMPERATURE, top_p=1.0, top_k=-1,  # [D]
+                                    max_new_tokens=MAX_RESPONSE_LEN),  # [D]
             startup_timeout_s=1800.0,  # [R] large checkpoints load slowly from shared filesystems
         ),
         weight_sync=WeightSyncConfig(mode="distributed"),  # [R] NCCL broadcast every step

@@ -1,4 +1,4 @@
-"""``maspo-megatron eval``: Avg@k / Pass@k through a server speaking SGLang's protocol."""
+"""``maspo-megatron eval``: Avg@k / Pass@k through a real SGLang server (CPU engine)."""
 
 import json
 
@@ -14,9 +14,10 @@ def test_eval_command_reports_avg_and_pass_at_k(tmp_path, capsys):
     paths = prepare_assets(str(tmp_path / "demo"))
     out = tmp_path / "eval"
     code = main(["eval", f"model_path={paths['model']}", f"data.eval_path={paths['eval']}",
-                 "reward.fn=synthetic", "reward.num_workers=0", "rollout.engine=cpu",
-                 "rollout.use_router=false", "rollout.max_new_tokens=2", "rollout.temperature=1.0",
-                 "rollout.top_p=1.0", "k=4", "max_prompts=40", f"output_dir={out}"])
+                 "reward.fn=synthetic", "reward.num_workers=0", "rollout.device=cpu",
+                 "rollout.use_router=false", "rollout.sampling.max_new_tokens=2",
+                 "rollout.sampling.temperature=1.0", "rollout.sampling.top_p=1.0", "k=4",
+                 "max_prompts=40", f"output_dir={out}"])
     assert code == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["num_prompts"] == 40

@@ -48,10 +48,10 @@ def train(rank, world_size, model_dir, tp, pp, fused):
     chunks = build_model(model_dir, parallel, dtype=torch.float32)
     load_hf_checkpoint(chunks, model_dir)
     cfg = ActorConfig(
-        loss="maspo", temperature=0.9, micro_batch_tokens=30, fused_logprobs=fused,
+        loss="maspo", micro_batch_tokens=30, fused_logprobs=fused,
         logprob_chunk_tokens=7, optimizer=OptimizerConfig(lr=1e-4, clip_grad=1.0),
     )
-    actor = Actor(chunks, cfg, objective=Objective(cfg))
+    actor = Actor(chunks, cfg, objective=Objective(cfg), temperature=0.9)
     batch = make_batch()
     batch.old_logprobs, _ = actor.compute_logprobs(batch)
     out = {"old_logprobs": batch.old_logprobs, "metrics": []}

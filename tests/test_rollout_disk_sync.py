@@ -77,7 +77,7 @@ def _versions(disk_dir) -> list[str]:
 def test_disk_sync_keeps_only_the_newest_complete_version(stubs, tmp_path):
     servers, urls = stubs
     (tmp_path / "notes.txt").write_text("not ours")
-    syncer = WeightSyncer(urls, WeightSyncConfig(mode="disk", disk_dir=str(tmp_path), verify=False,
+    syncer = WeightSyncer(urls, WeightSyncConfig(mode="disk", disk_dir=str(tmp_path),
                                                  http_timeout_s=10, timeout_s=10))
     syncer.sync(_weights(1), version=1)
     assert _versions(tmp_path) == ["weights_v1"]

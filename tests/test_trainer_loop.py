@@ -192,8 +192,9 @@ def test_bad_steps_are_reported_and_training_stops_after_max_bad_steps(trainer_f
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]  # the failing step's metrics are kept
     assert [m["actor/skipped_steps"] for m in logged] == [0, 1, 0, 1, 1, 1]
     assert t.saved == [1, 2, 3, 4, 5] and len(actor.batches) == 6
-    # Weights are published after every step, skipped or not (a skipped step publishes unchanged ones).
-    assert t.publisher.versions == [1, 2, 3, 4, 5, 6]
+    # Weights are published before the first step (the servers may hold anything) and after
+    # every step, skipped or not (a skipped step publishes unchanged ones).
+    assert t.publisher.versions == [0, 1, 2, 3, 4, 5, 6]
     assert t.engine.closed  # servers and workers are shut down on the way out
 
 

@@ -37,14 +37,16 @@ def kill_orphans(marker: str) -> None:
             except OSError:
                 pass
 
-    servers = [(pid, cmd) for pid, cmd in cmdlines() if marker in cmd and "maspo_megatron.rollout.cpu_server" in cmd]
+    servers = [(pid, cmd) for pid, cmd in cmdlines() if marker in cmd and "sglang.launch_server" in cmd]
     urls = [f"127.0.0.1:{cmd[cmd.index('--port') + 1]}" for _, cmd in servers]
     victims = [pid for pid, _ in servers]
     victims += [pid for pid, cmd in cmdlines() if pid not in victims and any(u in a for a in cmd for u in urls)]
     for pid in victims:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            # Each server and the router lead their own session (their scheduler and
+            # detokenizer processes included): end the whole group.
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
 
 

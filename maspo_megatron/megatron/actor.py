@@ -100,8 +100,6 @@ class ActorConfig(ObjectiveConfig):
     kl_coef, tis_cap) are ``ObjectiveConfig``'s (``algo.objective``): they configure the
     :class:`Objective` the actor is handed, and the actor itself never reads them."""
 
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts: log-probs are of softmax(logits / temperature)."""
     num_mini_batches: int = 1
     """Optimizer steps per train step (the batch is split into this many mini-batches)."""
     micro_batch_tokens: int = 4096
@@ -119,8 +117,6 @@ class ActorConfig(ObjectiveConfig):
         super().__post_init__()
         if self.num_mini_batches < 1 or self.micro_batch_tokens < 1:
             raise ValueError("actor.num_mini_batches and actor.micro_batch_tokens must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -273,15 +269,20 @@ class Actor:
     """Policy (or reference) model under megatron-core with log-prob and train passes."""
 
     def __init__(self, model_chunks: list, cfg: ActorConfig, *, objective: Objective | None = None,
-                 trainable: bool = True):
+                 trainable: bool = True, temperature: float = 1.0):
         """``objective``: what ``train_step`` minimises (``algo.objective.Objective``, usually
-        ``Objective(cfg)``); an actor that only computes log-probs needs none."""
+        ``Objective(cfg)``); an actor that only computes log-probs needs none. ``temperature``:
+        the rollouts' sampling temperature (``rollout.sampling.temperature``): log-probs are of
+        ``softmax(logits / temperature)``, as the rollout engine reports them."""
         from megatron.core import parallel_state as ps
 
         from maspo_megatron.megatron.model import model_spec
 
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.cfg = cfg
         self.objective = objective
+        self.temperature = temperature
         self.spec = model_spec(model_chunks[0])
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism in the actor (CP-aware log-prob slicing) is not implemented")
@@ -393,7 +394,7 @@ class Actor:
             ids, mask, cu = self._model_inputs(micro)
             lp, ent = response_logprobs_from_logits(
                 output, ids, mask, self.tp_group, cu_seqlens=cu, entropy=entropy,
-                temperature=self.cfg.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+                temperature=self.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
                 vocab_size=self.spec.vocab_size,
             )
         packed = micro.get("packed")
@@ -408,7 +409,7 @@ class Actor:
         ids, mask, cu = self._model_inputs(context)
         return response_logprobs_from_hidden(
             hidden_states.transpose(0, 1), weight, ids, mask, self.tp_group, cu_seqlens=cu,
-            entropy=context["entropy"], temperature=self.cfg.temperature,
+            entropy=context["entropy"], temperature=self.temperature,
             chunk_tokens=self.cfg.logprob_chunk_tokens or 1024, vocab_size=self.spec.vocab_size,
         )
 
@@ -462,11 +463,13 @@ class Actor:
         return micro
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False):
+    def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False,
+                         temperature: float | None = None):
         """Log-probs (and entropy) of every response token, ``[N, L]``, zero elsewhere.
 
         Forward-only through the pipeline schedule; the result is assembled from all
         data-parallel ranks and pipeline stages, so every rank returns the full tensors.
+        ``temperature`` overrides the actor's for this pass (the weight-sync proof uses 1).
         """
         for chunk in self.model:
             chunk.eval()
@@ -482,7 +485,11 @@ class Actor:
                 out_ent[m["rows"], :width] = ent[:, :width].float().cpu()
             return lp.sum() * 0, {}
 
-        self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
+        default, self.temperature = self.temperature, temperature or self.temperature
+        try:
+            self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
+        finally:
+            self.temperature = default
         results = [out_lp] + ([out_ent] if entropy else [])
         # Each row was filled on exactly one DP rank's last stage: a sum assembles the batch.
         stacked = torch.stack(results).to(device())

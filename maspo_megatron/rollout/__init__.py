@@ -1,13 +1,12 @@
-"""Rollouts over SGLang's HTTP API and weight sync into SGLang servers.
+"""Rollouts and weight sync, written against one backend interface (``backend.py``).
 
-- ``client``: async /generate client (``RolloutClient``, ``RolloutRequest``, ``Sample``).
-- ``servers``: SGLang / CPU server and sglang-router processes (``ServerManager``, ``RouterManager``).
+- ``backend``: what an inference engine supplies (server command, generate wire format, weight
+  update calls) and the engine-neutral types (``SamplingConfig``, ``ServerSpec``).
+- ``sglang/``: SGLang 0.5.23 as that backend (GPU, and its CPU engine with a pure-torch stand-in
+  for the one sgl-kernel CPU op it calls).
+- ``client``: async generate client (``RolloutClient``, ``RolloutRequest``, ``Sample``).
+- ``servers``: server and sglang-router processes (``ServerManager``, ``RouterManager``).
 - ``weight_sync``: trainer -> servers weights every step (``WeightSyncer``, ``WeightSyncConfig``):
   ``mode="distributed"`` (NCCL/gloo broadcast of flattened buckets), ``"disk"`` (safetensors),
-  ``"colocated"`` (CUDA-IPC handles through /update_weights_from_tensor, servers on the trainer's
-  GPUs, with ``release_memory`` / ``resume_memory`` around training).
-- ``cpu_server``: the same protocol around an HF model (demo and tests); ``--device cuda`` makes
-  it a colocated CUDA-IPC receiver.
-- ``protocol``: what both ends agree on (sampling params, flattened_bucket, process group, the
-  CUDA-IPC payload pickled as SGLang's ``MultiprocessingSerializer`` does).
+  ``"colocated"`` (CUDA-IPC handles, servers on the trainer's GPUs).
 """

@@ -1,4 +1,4 @@
-"""Async client for SGLang's ``/generate``: bounded concurrency, load spreading, retries.
+"""Async generation client: bounded concurrency, load spreading, retries (any rollout backend).
 
 Design: one HTTP request per sample (``n == 1``), identified by the caller's ``index``. A group of
 G samples for one prompt is G requests with distinct indices (and, for reproducibility, distinct
@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import aiohttp
 
-from maspo_megatron.rollout.protocol import (
-    GenerateOutput, ProtocolError, SamplingParams, error_message, parse_generate_response,
+from maspo_megatron.rollout.backend import (
+    GenerateOutput, ProtocolError, RolloutBackend, SamplingParams, get_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,14 @@ class _Retryable(Exception):
 
 class RolloutClient:
     def __init__(self, urls: Sequence[str], config: RolloutClientConfig | None = None,
-                 api_key: str | None = None, expected_weight_version: str | None = None):
+                 api_key: str | None = None, expected_weight_version: str | None = None,
+                 backend: RolloutBackend | str = "sglang", vocab_size: int | None = None):
         if not urls:
             raise ValueError("RolloutClient needs at least one server or router URL")
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        # The real SGLang server crashes (the whole process) on an out-of-vocabulary input id:
+        # such a request is refused here, naming it.
+        self.vocab_size = vocab_size
         self.urls = [u.rstrip("/") for u in urls]
         self.config = config or RolloutClientConfig()
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -126,10 +131,11 @@ class RolloutClient:
             self._inflight[url] -= 1
 
     # ------------------------------------------------------------------ requests
-    async def _post(self, session: aiohttp.ClientSession, url: str, payload: dict,
-                    expected: int, want_logprobs: bool) -> list[GenerateOutput]:
+    async def _post(self, session: aiohttp.ClientSession, url: str, payload: dict) -> object:
+        """The parsed JSON body of one generate call; retryable failures raise _Retryable."""
         try:
-            async with session.post(url + "/generate", json=payload, headers=self.headers) as resp:
+            async with session.post(url + self.backend.generate_path, json=payload,
+                                    headers=self.headers) as resp:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
@@ -137,20 +143,24 @@ class RolloutClient:
         except asyncio.TimeoutError as e:
             raise _Retryable(f"{url} did not answer within {self.config.request_timeout_s:.0f}s") from e
         if status >= 500:
-            raise _Retryable(f"{url} answered HTTP {status}: {error_message(status, text)}")
+            raise _Retryable(f"{url} answered HTTP {status}: {self.backend.error_message(status, text)}")
         if status >= 400:
-            raise RolloutRequestError(url, status, error_message(status, text))
+            raise RolloutRequestError(url, status, self.backend.error_message(status, text))
         try:
-            body = json.loads(text)
-            return parse_generate_response(body, expected, want_logprobs)
-        except (ValueError, ProtocolError) as e:
-            raise RolloutError(f"{url} sent a malformed /generate response: {e}; body: "
-                               f"{text[:500]!r}") from e
+            return json.loads(text)
+        except ValueError as e:
+            raise RolloutError(f"{url} sent a response that is not JSON: {text[:500]!r}") from e
+
+    async def _generate_one(self, session, url: str, payload: dict) -> GenerateOutput:
+        body = await self._post(session, url, payload)
+        try:
+            return self.backend.parse_generate(body, 1, True)[0]
+        except ProtocolError as e:
+            raise RolloutError(f"{url} sent a malformed generate response: {e}") from e
 
     async def _one(self, session, req: RolloutRequest, on_done: Callable[[], None]) -> Sample:
         cfg = self.config
-        payload = {"input_ids": list(req.input_ids), "sampling_params": req.sampling.to_json(),
-                   "return_logprob": True}
+        payload = self.backend.generate_request(req.input_ids, req.sampling)
         avoid = None
         for attempt in range(1, cfg.max_attempts + 1):
             url = self._pick(avoid)
@@ -158,7 +168,7 @@ class RolloutClient:
                 await asyncio.sleep(min(cfg.down_cooldown_s, 1.0))
                 url = self._pick(avoid)
             try:
-                out = (await self._post(session, url, payload, 1, True))[0]
+                out = await self._generate_one(session, url, payload)
                 if out.finish_reason == "abort":
                     raise _Retryable(f"{url} aborted the request: "
                                      f"{out.finish_detail.get('message', out.finish_detail)}")
@@ -193,7 +203,7 @@ class RolloutClient:
             if r.sampling.n != 1:
                 raise ValueError(f"request {r.index}: sampling.n={r.sampling.n}; send one request "
                                  "per sample (distinct index) so retries stay idempotent")
-            r.sampling.validate()
+            self.check_ids(r.input_ids, f"request {r.index}")
         total, done = len(requests), 0
         t0 = last_log = time.monotonic()
 
@@ -230,27 +240,26 @@ class RolloutClient:
         """Synchronous wrapper of :meth:`generate` (for the trainer's rank 0)."""
         return asyncio.run(self.generate(requests, progress))
 
-    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
-                    url: str | None = None) -> list[float]:
-        """Log-probs of a fixed completion after a prompt, as the server computes them.
+    def check_ids(self, ids: Sequence[int], what: str) -> None:
+        if self.vocab_size is None:
+            return
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RolloutError(f"{what}: token ids {bad[:5]} are outside the model's vocabulary "
+                               f"[0, {self.vocab_size}) (the server would crash on them)")
 
-        Uses ``max_new_tokens=0`` and ``logprob_start_len = len(prompt) - 1`` (SGLang lists
-        ``None`` for the first position), so entry j is ``log p(completion[j] | prefix)`` from
-        untempered ``log_softmax(logits)``.
-        """
-        ids = list(prompt_ids) + list(completion_ids)
-        payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
-                   "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
-        target = (url or self.urls[0]).rstrip("/")
+    async def score(self, input_ids: Sequence[int], url: str) -> list[float]:
+        """The server's untempered log-prob of every token after the first (``len - 1`` values),
+        computed in one forward pass: the probe of the weight-sync proof."""
+        self.check_ids(input_ids, f"score request to {url}")
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s,
                                         sock_connect=self.config.connect_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             try:
-                out = (await self._post(session, target, payload, 1, True))[0]
+                body = await self._post(session, url.rstrip("/"), self.backend.score_request(input_ids))
             except _Retryable as e:
                 raise RolloutError(str(e)) from e
-        values = out.input_logprobs or []
-        if len(values) != len(completion_ids) + 1:
-            raise RolloutError(f"{target}: {len(values)} input_token_logprobs for a completion of "
-                               f"{len(completion_ids)} tokens (expected one more)")
-        return [float(v) for v in values[1:]]
+        try:
+            return self.backend.parse_score(body, len(input_ids))
+        except ProtocolError as e:
+            raise RolloutError(f"{url}: {e}") from e

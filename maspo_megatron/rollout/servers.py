@@ -1,10 +1,8 @@
 """Start, stop, health-check and restart rollout servers and the sglang-router, or attach to URLs.
 
-The command builders produce the real ``python -m sglang.launch_server`` / ``sglang_router``
-command lines; :class:`ServerManager` runs any command factory, so the CPU server
-(``python -m maspo_megatron.rollout.cpu_server``) goes through the same process management
-in tests and the CPU demo. Under Slurm heterogeneous jobs the servers are started by the job
-script and :meth:`ServerManager.attach` only health-checks the given URLs.
+:class:`ServerManager` runs any command factory (the rollout backend's ``server_command``; the
+router's command is built here). Under Slurm heterogeneous jobs the servers are started by the
+job script and :meth:`ServerManager.attach` only health-checks the given URLs.
 """
 
 from __future__ import annotations
@@ -20,58 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SGLangServerConfig:
-    """Arguments of ``sglang.launch_server`` that the trainer sets (names as SGLang's flags)."""
-
-    model_path: str
-    tp_size: int = 1
-    mem_fraction_static: float | None = None  # None: SGLang's own default
-    enable_memory_saver: bool = False  # needed to release/resume memory when colocated
-    skip_tokenizer_init: bool = True  # the trainer sends token ids and reads output_ids
-    api_key: str | None = None
-    dtype: str | None = None  # e.g. "bfloat16"; None: the checkpoint's dtype
-    base_gpu_id: int | None = None
-    host: str = "127.0.0.1"
-    extra_args: list[str] = field(default_factory=list)  # passed through verbatim
-
-
-def sglang_server_command(cfg: SGLangServerConfig, port: int, python: str = sys.executable) -> list[str]:
-    if cfg.tp_size < 1:
-        raise ValueError(f"SGLangServerConfig.tp_size must be >= 1, got {cfg.tp_size}")
-    if cfg.mem_fraction_static is not None and not 0.0 < cfg.mem_fraction_static < 1.0:
-        raise ValueError(
-            f"SGLangServerConfig.mem_fraction_static must be in (0, 1), got {cfg.mem_fraction_static}"
-        )
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", cfg.model_path,
-           "--tp-size", str(cfg.tp_size), "--host", cfg.host, "--port", str(port)]
-    if cfg.mem_fraction_static is not None:
-        cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
-    if cfg.enable_memory_saver:
-        cmd.append("--enable-memory-saver")
-    if cfg.skip_tokenizer_init:
-        cmd.append("--skip-tokenizer-init")
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
-    if cfg.dtype:
-        cmd += ["--dtype", cfg.dtype]
-    if cfg.base_gpu_id is not None:
-        cmd += ["--base-gpu-id", str(cfg.base_gpu_id)]
-    return cmd + list(cfg.extra_args)
-
-
-def cpu_server_command(model_path: str, port: int, *, host: str = "127.0.0.1",
-                       api_key: str | None = None, extra_args: Sequence[str] = (),
-                       python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "maspo_megatron.rollout.cpu_server", "--model-path", model_path,
-           "--host", host, "--port", str(port)]
-    return cmd + (["--api-key", api_key] if api_key else []) + list(extra_args)
 
 
 def router_command(worker_urls: Sequence[str], port: int, *, host: str = "127.0.0.1",
@@ -170,12 +119,13 @@ class ManagedProcess:
 class ServerManager:
     """A fixed set of rollout servers: start, wait healthy, detect and restart dead ones.
 
-    ``command_factory(port)`` returns the command line for a server on ``port``. A restarted
-    server keeps its port, hence its URL; ``on_down(url)`` / ``on_up(url)`` tell the client
-    (``RolloutClient.mark_down`` / ``mark_up``).
+    ``command_factory(port, host)`` returns the command line for a server on ``host:port``, or
+    ``(command, extra_env)``. A restarted server keeps its port, hence its URL; ``on_down(url)`` /
+    ``on_up(url)`` tell the client (``RolloutClient.mark_down`` / ``mark_up``).
     """
 
-    def __init__(self, command_factory: Callable[[int], list[str]] | None, num_servers: int = 0, *,
+    def __init__(self, command_factory: Callable[[int, str], list[str] | tuple[list[str], dict]] | None,
+                 num_servers: int = 0, *,
                  host: str = "127.0.0.1", ports: Sequence[int] | None = None,
                  startup_timeout_s: float = 600.0, health_path: str = "/health",
                  api_key: str | None = None, log_dir: str | None = None, env: dict | None = None,
@@ -194,8 +144,10 @@ class ServerManager:
                 raise ValueError(f"ServerManager: {len(ports)} ports for {num_servers} servers")
             for i, port in enumerate(ports):
                 log = os.path.join(log_dir, f"server{i}_{port}.log") if log_dir else None
-                self.procs.append(ManagedProcess(command_factory(port), f"http://{host}:{port}",
-                                                 log, env))
+                made = command_factory(port, host)
+                cmd, extra = made if isinstance(made, tuple) else (made, {})
+                proc_env = {**os.environ, **(env or {}), **extra} if (env or extra) else None
+                self.procs.append(ManagedProcess(cmd, f"http://{host}:{port}", log, proc_env))
 
     @classmethod
     def attach(cls, urls: Sequence[str], **kw) -> "ServerManager":
@@ -295,8 +247,8 @@ class RouterManager(ServerManager):
         if "--prometheus-port" not in extra_args:
             extra_args = [*extra_args, "--prometheus-port", str(free_port(host))]
         super().__init__(
-            lambda p: router_command(worker_urls, p, host=host, policy=policy, api_key=api_key,
-                                     extra_args=extra_args),
+            lambda p, h: router_command(worker_urls, p, host=h, policy=policy, api_key=api_key,
+                                        extra_args=extra_args),
             1, host=host, ports=None if port is None else [port], api_key=api_key, **kw,
         )
 

@@ -4,7 +4,7 @@ Input: any iterable of ``(hf_name, tensor)`` — from the Megatron exporter or a
 streamed, so the whole model never has to sit in one place. Modes (``WeightSyncConfig.mode``):
 
 - ``"distributed"``: the sender is rank 0 of a weight-update group shared with every engine rank
-  (``/init_weights_update_group``; server i joins at ``rank_offset = 1 + sum(engine ranks of
+  (server i joins at ``rank_offset = 1 + sum(engine ranks of
   servers before i)``), NCCL on GPU and gloo on CPU. Tensors are packed into ``flattened_bucket``
   buckets of at most ``bucket_bytes`` (one oversized tensor travels alone) and broadcast while
   ``/update_weights_from_distributed`` calls for the same bucket are in flight on other threads.
@@ -23,14 +23,18 @@ streamed, so the whole model never has to sit in one place. Modes (``WeightSyncC
   ``resume_memory(["kv_cache", "cuda_graph"])`` → rollout, so the KV cache is not back on the
   GPU while the trainer still holds its buckets. Needs CUDA.
 
-Every sync: pause generation (mode "abort"; the rollout client re-sends aborted samples), send,
-verify, then ``/update_weight_version`` to the step and ``/continue_generation``. Verification
-reads the first ``verify_rows`` rows of a few randomly chosen tensors back with
-``/get_weights_by_name`` and compares them with what was sent (exactly, by default: a stale
-weight differs by one optimizer step, far below any loose tolerance). The first rows are the same
-in a TP-sharded server (SGLang returns rank 0's shard of column-parallel weights), as long as
-``verify_rows`` is below the shard's row count. On failure the servers stay paused, the sync
-raises :class:`WeightSyncError`, and a later ``sync`` resends everything.
+Every sync: pause generation (mode "abort"; the rollout client re-sends aborted samples), open
+the engine's update session where its transport needs one (SGLang: ``/begin_weight_update`` …
+``/end_weight_update`` around distributed and CUDA-IPC updates), send, close the session, set the
+weight version, flush the cache and continue generation. Whether the servers now compute what
+the trainer computes is proven by the caller (``weight_publisher.WeightProof``: log-probs of a
+fixed probe, trainer vs every server). ``readback_tensors > 0`` adds an opt-in diagnostic that
+reads the first ``readback_rows`` rows of a few randomly chosen tensors back from each server and
+compares them exactly with what was sent (slow on real servers: SGLang turns the whole tensor into
+a list before truncating). On failure the servers stay paused, the sync raises
+:class:`WeightSyncError`, and a later ``sync`` resends everything.
+
+The wire format of each call is the backend's (``rollout/backend.py``; SGLang in ``rollout/sglang``).
 
 Pipeline parallelism: each pipeline stage's sender (one rank per stage that holds that stage's
 full HF-named tensors) makes its own ``WeightSyncer`` with ``sender_index = stage`` and
@@ -48,28 +52,23 @@ collectives (group timeout), so a server that dies during a sync gives an error 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import random
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 import zlib
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.rollout.protocol import (
-    GPU_MEMORY_TAGS, destroy_weight_update_group, dtype_to_str, error_message, flatten_bucket,
-    init_weight_update_group, order_for_alignment, serialize_ipc_bucket,
-)
+from maspo_megatron.rollout.backend import BucketMeta, RolloutBackend, WeightSyncError, get_backend
 from maspo_megatron.rollout.servers import free_port
 from maspo_megatron.tensors import bucket_named_tensors
 
@@ -79,43 +78,84 @@ MODES = ("distributed", "disk", "colocated")
 
 
 @dataclass
+class ProofConfig:
+    """The per-sync log-prob check (see :class:`WeightProof`)."""
+
+    enabled: bool = True
+    sequences: int = 4
+    """Probe sequences (at least one per data-parallel rank is used)."""
+    length: int = 32
+    """Tokens per probe sequence."""
+    atol: float | None = None
+    """Largest allowed |trainer - server| log-prob over the probe; None: by dtype, 1e-4 for fp32
+    (measured gaps ~1e-6 on CPU) and 0.25 for bf16 (an estimate, not yet measured: bf16 GEMMs in
+    two engines round differently; a bf16 proof catches layout bugs and gross staleness, not one
+    small optimizer step)."""
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.sequences < 1 or self.length < 2:
+            raise ValueError("weight_sync.proof.sequences must be >= 1 and proof.length >= 2")
+        if self.atol is not None and not self.atol > 0:
+            raise ValueError(f"weight_sync.proof.atol must be > 0 or None, got {self.atol}")
+
+    def tolerance(self, dtype: str) -> float:
+        return self.atol if self.atol is not None else (1e-4 if dtype == "fp32" else 0.25)
+
+
+@dataclass
 class WeightSyncConfig:
     """How weights reach the servers (see the module docstring for each mode)."""
 
-    # "distributed": broadcast in a weight-update group (servers anywhere; NCCL or gloo);
-    # "disk": safetensors + /update_weights_from_disk; "colocated": CUDA-IPC handles through
-    # /update_weights_from_tensor (servers on the sender's GPU/node; needs CUDA).
     mode: str = "distributed"
-    # flattened_bucket size limit; in colocated mode also the extra GPU memory the sync needs.
+    """``distributed``: broadcast in a weight-update group (servers anywhere; NCCL or gloo);
+    ``disk``: safetensors files the servers load; ``colocated``: CUDA-IPC handles (servers on the
+    trainer's GPUs; needs CUDA)."""
     bucket_bytes: int = 512 << 20
-    backend: str | None = None  # None: "nccl" when CUDA is available, else "gloo"
-    master_address: str = "127.0.0.1"  # this sender's address as the servers reach it
-    master_port: int = 0  # 0: a free port (per sender)
+    """Flattened bucket size limit; in colocated mode also the extra GPU memory the sync needs."""
+    backend: str | None = None
+    """Collective backend of the weight-update group; None: ``nccl`` with CUDA, else ``gloo``."""
+    master_address: str = "127.0.0.1"
+    """This sender's address as the servers reach it."""
+    master_port: int = 0
+    """Rendezvous port of the first sender (stage i uses +i); 0: a free port per sender."""
     group_name: str = "maspo_weight_update"
-    init_timeout_s: float = 300.0  # group rendezvous
-    timeout_s: float = 600.0  # one bucket (HTTP + collective); also the group's timeout
-    http_timeout_s: float = 60.0  # control calls: pause, continue, version, verification
-    disk_dir: str | None = None  # disk mode: where HF safetensors shards are written
-    verify: bool = True
-    verify_tensors: int = 4  # tensors read back per sender and server
-    verify_rows: int = 2  # leading rows compared (SGLang's truncate_size)
-    verify_atol: float = 0.0
-    flush_cache: bool = True  # flush the prefix cache after new weights land
-    pause_mode: str = "abort"  # SGLang /pause_generation mode
+    init_timeout_s: float = 300.0
+    """Group rendezvous limit."""
+    timeout_s: float = 600.0
+    """Limit of one bucket (HTTP + collective); also the group's timeout."""
+    http_timeout_s: float = 60.0
+    """Limit of each control call (pause, session, version, continue)."""
+    disk_dir: str | None = None
+    """Disk mode: where the HF safetensors of each version are written."""
+    readback_tensors: int = 0
+    """Diagnostic (off by default): tensors read back per sender and server after each sync."""
+    readback_rows: int = 2
+    """Leading rows compared by the read-back diagnostic."""
+    readback_atol: float = 0.0
+    flush_cache: bool = True
+    """Flush the prefix cache after new weights land."""
+    pause_mode: str = "abort"
+    """SGLang /pause_generation mode: ``abort``, ``retract`` or ``in_place``."""
+    proof: ProofConfig = field(default_factory=ProofConfig)
+    """The log-prob check after every sync (``weight_publisher.WeightProof``)."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"weight_sync.mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.bucket_bytes <= 0:
+            raise ValueError(f"weight_sync.bucket_bytes must be positive, got {self.bucket_bytes}")
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"weight_sync.backend must be None, 'nccl' or 'gloo', got {self.backend!r}")
+        if self.readback_rows < 1 or self.readback_tensors < 0:
+            raise ValueError("weight_sync.readback_rows must be >= 1 and readback_tensors >= 0")
+        if self.pause_mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"weight_sync.pause_mode must be abort, retract or in_place, got {self.pause_mode!r}")
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"WeightSyncConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.bucket_bytes <= 0:
-            raise ValueError(f"WeightSyncConfig.bucket_bytes must be positive, got {self.bucket_bytes}")
+        self.__post_init__()
         if self.mode == "disk" and not self.disk_dir:
-            raise ValueError("WeightSyncConfig.disk_dir is required when mode='disk'")
-        if self.verify_rows < 1 or self.verify_tensors < 0:
-            raise ValueError("WeightSyncConfig.verify_rows must be >= 1 and verify_tensors >= 0")
-
-
-class WeightSyncError(RuntimeError):
-    """A weight sync that did not complete or did not verify; names the server and the step."""
+            raise ValueError("weight_sync.disk_dir is required when weight_sync.mode=disk")
 
 
 @dataclass
@@ -130,45 +170,18 @@ class SyncStats:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
 
-def _spawn(fn, *args) -> Future:
+def _spawn(fn, *args, **kw) -> Future:
     """Runs fn on a daemon thread: a collective stuck on a dead peer must not block exit."""
     fut: Future = Future()
 
     def target():
         try:
-            fut.set_result(fn(*args))
+            fut.set_result(fn(*args, **kw))
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             fut.set_exception(e)
 
     threading.Thread(target=target, daemon=True).start()
     return fut
-
-
-def post_json(url: str, path: str, payload: dict | None, timeout_s: float,
-              api_key: str | None = None, what: str = "") -> object:
-    """POSTs JSON; returns the parsed body; raises WeightSyncError quoting the server on failure."""
-    req = urllib.request.Request(url + path, data=json.dumps(payload or {}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    label = f"{what}: " if what else ""
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            text = resp.read().decode()
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        raise WeightSyncError(f"{label}{url}{path} answered HTTP {e.code}: "
-                              f"{error_message(e.code, text)}") from e
-    except (urllib.error.URLError, OSError) as e:
-        raise WeightSyncError(f"{label}{url}{path} failed: {e} (server down or not answering "
-                              f"within {timeout_s:.0f}s)") from e
-    try:
-        body = json.loads(text) if text.strip() else {}
-    except ValueError:
-        return text
-    if isinstance(body, dict) and body.get("success") is False:
-        raise WeightSyncError(f"{label}{url}{path} reported failure: {body.get('message')}")
-    return body
 
 
 def make_turn_barrier(group=None, device: torch.device | str = "cpu") -> Callable[[bool], bool]:
@@ -181,12 +194,60 @@ def make_turn_barrier(group=None, device: torch.device | str = "cpu") -> Callabl
     return barrier
 
 
+# ------------------------------------------------------------------------- flattened buckets
+def order_for_alignment(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Stable sort by element size, largest first, so every byte offset in a bucket is aligned
+    (``Tensor.view(dtype)`` on the receiving side needs offsets divisible by the element size)."""
+    return sorted(named, key=lambda nt: -nt[1].element_size())
+
+
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
                  ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Groups a stream of tensors into buckets of at most ``bucket_bytes`` (an oversized tensor
-    forms a bucket of its own), each ordered for flattened_bucket alignment."""
+    forms a bucket of its own), each ordered for alignment."""
     for bucket in bucket_named_tensors(named, bucket_bytes):
         yield order_for_alignment(bucket)
+
+
+def flatten_bucket(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[BucketMeta]]:
+    """Concatenates the tensors' bytes, in order, into one uint8 tensor (SGLang's
+    ``flattened_bucket``: no padding; tensor i occupies bytes ``[start_i, end_i)``)."""
+    if not named:
+        raise ValueError("cannot flatten an empty bucket")
+    metas, offset = [], 0
+    for name, t in named:
+        if offset % t.element_size():
+            raise ValueError(f"flattened bucket: {name!r} would start at byte {offset}, not aligned "
+                             f"for {t.dtype}; order tensors with order_for_alignment")
+        nbytes = t.numel() * t.element_size()
+        metas.append(BucketMeta(name, tuple(t.shape), t.dtype, offset, offset + nbytes))
+        offset += nbytes
+    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in named])
+    return flat, metas
+
+
+# ------------------------------------------------------------------------- process group
+def init_weight_update_group(*, backend: str, master_address: str, master_port: int, rank: int,
+                             world_size: int, group_name: str, timeout_s: float):
+    """Creates the trainer<->engines weight-update group, separate from the default group.
+
+    Mirrors SGLang's ``init_custom_process_group`` (TCP rendezvous, ``PrefixStore(group_name)``,
+    ``_new_process_group_helper``) so the trainer joins real SGLang servers. Rank 0 hosts the
+    TCP store. Works whether or not the calling process has a default group.
+    """
+    from torch.distributed.distributed_c10d import (
+        Backend, PrefixStore, _new_process_group_helper, _world, rendezvous,
+    )
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(
+        f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
 
 
 class _Sampler:
@@ -213,6 +274,7 @@ class WeightSyncer:
     """One sender's side of the weight sync (see the module docstring for the protocol)."""
 
     def __init__(self, server_urls: Sequence[str], config: WeightSyncConfig | None = None, *,
+                 backend: RolloutBackend | str = "sglang",
                  engine_ranks_per_server: int | Sequence[int] = 1, api_key: str | None = None,
                  sender_index: int = 0, num_senders: int = 1,
                  turn_barrier: Callable[[bool], bool] | None = None):
@@ -220,8 +282,8 @@ class WeightSyncer:
         self.config.validate()
         if self.config.mode == "colocated" and not torch.cuda.is_available():
             raise RuntimeError(
-                "WeightSyncConfig.mode='colocated': colocated mode needs CUDA tensors (CUDA-IPC) "
-                "and this process sees no CUDA device; use mode='distributed' or 'disk'")
+                "weight_sync.mode=colocated needs CUDA tensors (CUDA-IPC) and this process sees no "
+                "CUDA device; use weight_sync.mode=distributed or disk")
         if not server_urls:
             raise ValueError("WeightSyncer needs at least one server URL (not the router's: "
                              "weight-update endpoints answer 404 through sglang-router)")
@@ -229,13 +291,14 @@ class WeightSyncer:
             raise ValueError("num_senders > 1 needs a turn_barrier (see make_turn_barrier)")
         if not 0 <= sender_index < num_senders:
             raise ValueError(f"sender_index {sender_index} not in [0, {num_senders})")
+        self.backend_impl = get_backend(backend) if isinstance(backend, str) else backend
         self.urls = [u.rstrip("/") for u in server_urls]
+        self.apis = [self.backend_impl.updater(u, api_key, self.config.http_timeout_s) for u in self.urls]
         ranks = ([engine_ranks_per_server] * len(self.urls) if isinstance(engine_ranks_per_server, int)
                  else list(engine_ranks_per_server))
         if len(ranks) != len(self.urls) or min(ranks) < 1:
             raise ValueError(f"engine_ranks_per_server must give a positive count per server, got {ranks}")
         self.engine_ranks = ranks
-        self.api_key = api_key
         self.sender_index, self.num_senders = sender_index, num_senders
         self.turn_barrier = turn_barrier
         self.backend = self.config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -246,9 +309,10 @@ class WeightSyncer:
         self.group_name = ""  # set by connect()
 
     # ------------------------------------------------------------------ helpers
-    def _post_all(self, path: str, payload: dict | None, timeout_s: float, what: str) -> list:
-        futs = [_spawn(post_json, u, path, payload, timeout_s, self.api_key, what) for u in self.urls]
-        return self._wait(futs, self.urls, timeout_s + 5.0, what)
+    def _all(self, what: str, fn: Callable, timeout_s: float | None = None) -> list:
+        """``fn(api)`` on every server at once; results in server order."""
+        futs = [_spawn(fn, api) for api in self.apis]
+        return self._wait(futs, self.urls, (timeout_s or self.config.http_timeout_s) + 5.0, what)
 
     def _wait(self, futs: list[Future], labels: list[str], timeout_s: float, what: str) -> list:
         """Results in order; on the first failure raises, preferring a server's own message over
@@ -300,11 +364,10 @@ class WeightSyncer:
         self.group_name = f"{cfg.group_name}_s{self.sender_index}_{uuid.uuid4().hex[:8]}"
         world = 1 + sum(self.engine_ranks)
         offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.urls))]
-        futs = [_spawn(post_json, url, "/init_weights_update_group", {
-            "master_address": cfg.master_address, "master_port": port, "rank_offset": off,
-            "world_size": world, "group_name": self.group_name, "backend": self.backend,
-        }, cfg.init_timeout_s, self.api_key, "init_weights_update_group")
-            for url, off in zip(self.urls, offsets)]
+        futs = [_spawn(api.init_group, master_address=cfg.master_address, master_port=port,
+                       rank_offset=off, world_size=world, group_name=self.group_name,
+                       backend=self.backend, timeout_s=cfg.init_timeout_s)
+                for api, off in zip(self.apis, offsets)]
         group = _spawn(functools.partial(
             init_weight_update_group, backend=self.backend, master_address=cfg.master_address,
             master_port=port, rank=0, world_size=world, group_name=self.group_name,
@@ -318,36 +381,34 @@ class WeightSyncer:
         if self.group is None:
             return
         try:
-            self._post_all("/destroy_weights_update_group", {"group_name": self.group_name},
-                           self.config.http_timeout_s, "destroy_weights_update_group")
+            self._all("destroy_weights_update_group", lambda api: api.destroy_group(self.group_name))
         finally:
-            destroy_weight_update_group(self.group)
+            dist.destroy_process_group(self.group)
             self.group = None
 
     # ------------------------------------------------------------------ memory
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Frees the servers' GPU memory (``/release_memory_occupation``) so the colocated
-        trainer can use it; ``tags`` from "kv_cache", "weights", "cuda_graph" (None: all).
-        Pause generation first: SGLang refuses unless idle. Call from one sender only."""
-        self._memory_op("/release_memory_occupation", tags)
+        """Frees the servers' GPU memory so the colocated trainer can use it; ``tags`` from the
+        backend's ``memory_tags`` (None: all). Pause generation first: SGLang refuses unless idle.
+        Call from one sender only."""
+        self._check_tags(tags)
+        self._all("release_memory_occupation", lambda api: api.release_memory(tags))
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Re-allocates what ``release_memory`` freed (``/resume_memory_occupation``). Resumed
-        weights hold stale or undefined values until the next ``sync``."""
-        self._memory_op("/resume_memory_occupation", tags)
+        """Re-allocates what ``release_memory`` freed. Resumed weights hold stale or undefined
+        values until the next ``sync``."""
+        self._check_tags(tags)
+        self._all("resume_memory_occupation", lambda api: api.resume_memory(tags))
 
-    def _memory_op(self, path: str, tags: Sequence[str] | None) -> None:
-        if tags is not None:
-            bad = [t for t in tags if t not in GPU_MEMORY_TAGS]
-            if bad or not tags:
-                raise ValueError(f"{path.strip('/')}: tags must be drawn from "
-                                 f"{list(GPU_MEMORY_TAGS)} (or None for all), got {list(tags)}")
-        self._post_all(path, {"tags": None if tags is None else list(tags)},
-                       self.config.http_timeout_s, path.strip("/"))
+    def _check_tags(self, tags: Sequence[str] | None) -> None:
+        allowed = self.backend_impl.memory_tags
+        if tags is not None and (not tags or any(t not in allowed for t in tags)):
+            raise ValueError(f"memory tags must be drawn from {list(allowed)} (or None for all), "
+                             f"got {list(tags)}")
 
     # ------------------------------------------------------------------ sync
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | str) -> SyncStats:
-        """Sends this sender's tensors to every server; ``version`` becomes their weight_version.
+        """Sends this sender's tensors to every server; ``version`` becomes their weight version.
 
         Every sender calls this collectively (same ``version``)."""
         cfg = self.config
@@ -355,13 +416,18 @@ class WeightSyncer:
             self.connect()
         t0 = time.monotonic()
         stats = SyncStats(0.0, 0, 0, 0)
-        sampler = _Sampler(cfg.verify_tensors if cfg.verify else 0, cfg.verify_rows,
+        sampler = _Sampler(cfg.readback_tensors, cfg.readback_rows,
                            seed=zlib.crc32(f"{version}/{self.sender_index}".encode()))
         lead = self.sender_index == 0
+        session = cfg.mode != "disk"  # SGLang: disk loads need no session, the others do
         errors: list = []
-        ok = self._step(True, (lambda: self._post_all(
-            "/pause_generation", {"mode": cfg.pause_mode}, cfg.http_timeout_s, "pause_generation"))
-            if lead else None, errors)
+
+        def lead_only(what, fn):
+            return (lambda: self._all(what, fn)) if lead else None
+
+        ok = self._step(True, lead_only("pause_generation", lambda api: api.pause(cfg.pause_mode)), errors)
+        if session:
+            ok = self._step(ok, lead_only("begin_weight_update", lambda api: api.begin_update()), errors)
         if cfg.mode == "distributed":
             ok = self._in_turns(lambda: self._send_distributed(named_tensors, sampler, stats), ok, errors)
         elif cfg.mode == "colocated":
@@ -369,11 +435,13 @@ class WeightSyncer:
         else:
             path = os.path.join(cfg.disk_dir, f"weights_v{version}")
             ok = self._step(ok, lambda: self._write_shard(named_tensors, sampler, stats, path), errors)
-            ok = self._step(ok, (lambda: self._post_all(
-                "/update_weights_from_disk", {"model_path": path, "flush_cache": False},
-                cfg.timeout_s, "update_weights_from_disk")) if lead else None, errors)
-        if cfg.verify:
-            ok = self._step(ok, lambda: self._verify(sampler.kept, version), errors)
+            ok = self._step(ok, lead_only("update_weights_from_disk",
+                                          lambda api: api.update_from_disk(path, cfg.timeout_s)), errors)
+        if session:
+            # Closed whatever happened before, so the next sync can open one.
+            self._step(True, lead_only("end_weight_update", lambda api: api.end_update()), errors)
+        if cfg.readback_tensors:
+            ok = self._step(ok, lambda: self._read_back(sampler.kept, version), errors)
         ok = self._step(ok, (lambda: self._finish(version)) if lead else None, errors)
         self._raise_if(ok, errors, f"weight sync to version {version}")
         if cfg.mode == "disk" and lead:
@@ -392,12 +460,10 @@ class WeightSyncer:
                                   "paused with partially updated weights")
 
     def _finish(self, version) -> None:
-        cfg = self.config
-        self._post_all("/update_weight_version", {"new_version": str(version)},
-                       cfg.http_timeout_s, "update_weight_version")
-        if cfg.flush_cache:
-            self._post_all("/flush_cache", None, cfg.http_timeout_s, "flush_cache")
-        self._post_all("/continue_generation", None, cfg.http_timeout_s, "continue_generation")
+        self._all("update_weight_version", lambda api: api.set_version(str(version)))
+        if self.config.flush_cache:
+            self._all("flush_cache", lambda api: api.flush_cache())
+        self._all("continue_generation", lambda api: api.resume())
 
     def _send_distributed(self, named, sampler: _Sampler, stats: SyncStats) -> None:
         cfg = self.config
@@ -405,16 +471,11 @@ class WeightSyncer:
             for name, t in bucket:
                 sampler.offer(name, t)
             flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
-            payload = {
-                "names": [m.name for m in metas], "dtypes": [dtype_to_str(m.dtype) for m in metas],
-                "shapes": [list(m.shape) for m in metas], "group_name": self.group_name,
-                "flush_cache": False, "load_format": "flattened_bucket",
-            }
             what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
             # The HTTP calls block until the servers have received the broadcast: run them
             # concurrently with it.
-            futs = [_spawn(post_json, u, "/update_weights_from_distributed", payload,
-                           cfg.timeout_s, self.api_key, what) for u in self.urls]
+            futs = [_spawn(api.update_from_distributed, metas, self.group_name, cfg.timeout_s,
+                           f"update_weights_from_distributed, {what}") for api in self.apis]
             futs.append(_spawn(dist.broadcast, flat, 0, self.group))
             self._wait(futs, self.urls + ["broadcast"], cfg.timeout_s + 5.0,
                        f"update_weights_from_distributed, {what}")
@@ -432,14 +493,9 @@ class WeightSyncer:
                 # The server reads the buffer on its own stream: the copies into it must be done.
                 torch.cuda.synchronize(self.device)
                 what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
-                futs = []
-                for url, ranks in zip(self.urls, self.engine_ranks):
-                    # One entry per engine rank, each its own IPC share (as SGLang's Engine does).
-                    payload = {"serialized_named_tensors": [serialize_ipc_bucket(flat, metas)
-                                                            for _ in range(ranks)],
-                               "load_format": "flattened_bucket", "flush_cache": False}
-                    futs.append(_spawn(post_json, url, "/update_weights_from_tensor", payload,
-                                       cfg.timeout_s, self.api_key, what))
+                futs = [_spawn(api.update_from_ipc, flat, metas, ranks, cfg.timeout_s,
+                               f"update_weights_from_tensor, {what}")
+                        for api, ranks in zip(self.apis, self.engine_ranks)]
                 # flat stays referenced until every server has answered (or failed): they map
                 # its memory, they do not get a copy.
                 self._wait(futs, self.urls, cfg.timeout_s + 5.0, f"update_weights_from_tensor, {what}")
@@ -454,9 +510,9 @@ class WeightSyncer:
 
     def _prune_disk(self, keep: str) -> None:
         """Deletes the ``weights_v*`` directories other than ``keep``, the version every server
-        has just loaded (and verified): nothing else is needed to serve or re-send. Called only
-        after a fully successful sync, so a failed one leaves the last complete version (and the
-        partly loaded new one) in place. A failure to delete is logged, not raised."""
+        has just loaded: nothing else is needed to serve or re-send. Called only after a fully
+        successful sync, so a failed one leaves the last complete version (and the partly loaded
+        new one) in place. A failure to delete is logged, not raised."""
         root, name = os.path.split(os.path.normpath(keep))
         for entry in os.listdir(root):
             old = os.path.join(root, entry)
@@ -480,24 +536,23 @@ class WeightSyncer:
         shard = f"model-{self.sender_index + 1:05d}-of-{self.num_senders:05d}.safetensors"
         save_file(tensors, os.path.join(path, shard), metadata={"format": "pt"})
 
-    def _verify(self, kept: list[tuple[str, torch.Tensor]], version) -> None:
+    def _read_back(self, kept: list[tuple[str, torch.Tensor]], version) -> None:
         cfg = self.config
         for name, rows in kept:
-            for url, got in zip(self.urls, self._post_all(
-                    "/get_weights_by_name", {"name": name, "truncate_size": cfg.verify_rows},
-                    cfg.http_timeout_s, f"verifying {name}")):
+            answers = self._all(f"reading back {name}", lambda api: api.read_weight_rows(name, cfg.readback_rows))
+            for url, got in zip(self.urls, answers):
                 try:
                     served = torch.tensor(got, dtype=torch.float32)
                 except (TypeError, ValueError) as e:
-                    raise WeightSyncError(f"verification of v{version}: {url} returned a non-numeric "
+                    raise WeightSyncError(f"read-back of v{version}: {url} returned a non-numeric "
                                           f"value for {name}: {str(got)[:200]}") from e
                 if served.shape != rows.shape:
                     raise WeightSyncError(
-                        f"verification of v{version}: {url} returned shape {list(served.shape)} for "
-                        f"the first {cfg.verify_rows} rows of {name}, the trainer has {list(rows.shape)}")
+                        f"read-back of v{version}: {url} returned shape {list(served.shape)} for "
+                        f"the first {cfg.readback_rows} rows of {name}, the trainer has {list(rows.shape)}")
                 diff = (served - rows).abs().max().item() if rows.numel() else 0.0
-                if not diff <= cfg.verify_atol:
+                if not diff <= cfg.readback_atol:
                     raise WeightSyncError(
-                        f"verification of v{version} failed: {name} on {url} differs from the "
-                        f"trainer's by up to {diff:.3g} (atol {cfg.verify_atol}); trainer "
+                        f"read-back of v{version} failed: {name} on {url} differs from the "
+                        f"trainer's by up to {diff:.3g} (atol {cfg.readback_atol}); trainer "
                         f"{rows.flatten()[:4].tolist()} vs server {served.flatten()[:4].tolist()}")

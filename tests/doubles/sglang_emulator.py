@@ -1,8 +1,10 @@
-"""A CPU server that speaks the subset of SGLang's HTTP protocol the trainer uses.
+"""A test double of an SGLang server, for the one place the real one cannot go: GPU tests on an
+image without SGLang (the colocated CUDA-IPC sync, ``--device cuda``). Every CPU test runs the
+real SGLang server instead (its CPU engine; see maspo_megatron/rollout/sglang/server.py).
 
-Wraps an HF transformers causal LM (float32) so the CPU demo and the tests exercise exactly the
-requests, responses, status codes and torch.distributed weight-update path that a real SGLang
-server sees. It runs behind the real sglang-router. See protocol.py for the shared conventions.
+Wraps an HF transformers causal LM (float32) and speaks the subset of SGLang 0.5.23's HTTP
+protocol the trainer uses, as read from SGLang's source and checked against the real server;
+``sglang_receiver.py`` holds the receiving half of the wire format.
 
 Semantics copied from SGLang 0.5.x:
 - ``/generate`` with ``input_ids`` (one list, or a batch of lists) behaves like
@@ -51,7 +53,7 @@ import torch
 import torch.distributed as dist
 from aiohttp import web
 
-from maspo_megatron.rollout.protocol import (
+from sglang_receiver import (
     GPU_MEMORY_TAGS, SAMPLING_EPS, ProtocolError, SamplingParams, bucket_from_payload,
     bucket_layout, destroy_weight_update_group, init_weight_update_group, loads_ipc_payload,
     named_tensors_from_payload, unflatten_bucket,
@@ -365,6 +367,7 @@ class CPUServer:
         self.engine = CPUEngine(model_path, device, weights_cpu_backup)
         self.api_key = api_key
         self.weight_version = "default"  # SGLang's initial weight_version
+        self.session = False  # inside begin_weight_update ... end_weight_update
         self.weight_update_timeout_s = weight_update_timeout_s
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.running = asyncio.Event()
@@ -386,7 +389,8 @@ class CPUServer:
             r.add_get(path, self.model_info)
         for path in ("/get_server_info", "/server_info"):
             r.add_get(path, self.server_info)
-        r.add_get("/get_weight_version", self.get_weight_version)
+        r.add_post("/begin_weight_update", self.begin_update)
+        r.add_post("/end_weight_update", self.end_update)
         r.add_route("*", "/flush_cache", self.flush_cache)
         r.add_post("/pause_generation", self.pause)
         r.add_post("/continue_generation", self.resume)
@@ -526,9 +530,6 @@ class CPUServer:
             "version": "maspo-megatron-cpu-server",
         })
 
-    async def get_weight_version(self, request):
-        return web.json_response({"weight_version": self.weight_version})
-
     async def flush_cache(self, request):
         # No prefix cache on this server: nothing to flush.
         return web.Response(text="Cache flushed.\n", status=200)
@@ -571,6 +572,24 @@ class CPUServer:
             message += f" Weight version updated to {version}."
         return _result(True, message, **extra)
 
+    async def begin_update(self, request):
+        # As SGLang 0.5.23: distributed and tensor updates must run inside a session.
+        if self.session:
+            return _result(False, "a weight-update session is already open; call end_weight_update() first")
+        self.session = True
+        return _result(True, "Success")
+
+    async def end_update(self, request):
+        if not self.session:
+            return _result(False, "no weight-update session is open; call begin_weight_update() first")
+        self.session = False
+        return _result(True, "Success")
+
+    def _needs_session(self, path: str):
+        if not self.session:
+            return _result(False, f"{path} must run between begin_weight_update() and end_weight_update()")
+        return None
+
     async def init_group(self, request):
         return await self._weight_op(
             request, lambda b: self.engine.init_group(b, self.weight_update_timeout_s),
@@ -580,6 +599,8 @@ class CPUServer:
         return await self._weight_op(request, self.engine.destroy_group)
 
     async def update_from_distributed(self, request):
+        if (refused := self._needs_session("update_weights_from_distributed")) is not None:
+            return refused
         return await self._weight_op(request, self.engine.update_from_distributed,
                                      fields=("names", "dtypes", "shapes"))
 
@@ -588,6 +609,8 @@ class CPUServer:
                                      fields=("model_path",), num_paused_requests=0)
 
     async def update_from_tensor(self, request):
+        if (refused := self._needs_session("update_weights_from_tensor")) is not None:
+            return refused
         return await self._weight_op(request, self.engine.update_from_tensor,
                                      fields=("serialized_named_tensors",))
 
@@ -626,6 +649,17 @@ class CPUServer:
         except (ProtocolError, ValueError, TypeError) as e:
             return _error(str(e))
         return web.json_response(values)
+
+
+def emulator_manager(model_path: str, n: int, log_dir: str, device: str = "cuda"):
+    """A ServerManager running this double (``--device cuda``: the colocated GPU tests)."""
+    import sys
+
+    from maspo_megatron.rollout.servers import ServerManager
+
+    return ServerManager(lambda port, host: [sys.executable, __file__, "--model-path", model_path,
+                                             "--host", host, "--port", str(port), "--device", device],
+                         n, startup_timeout_s=120, log_dir=log_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

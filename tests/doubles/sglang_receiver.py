@@ -1,8 +1,6 @@
-"""What both ends of the SGLang wire agree on: sampling parameters, /generate results, the
-``flattened_bucket`` layout, error bodies and the weight-update process group.
-
-Shared by the trainer side (client.py, weight_sync.py) and the CPU server (cpu_server.py) so the
-two cannot drift apart. Behaviour follows SGLang 0.5.x (python/sglang/srt):
+"""The receiving half of SGLang's wire format, for the test double ``sglang_emulator.py`` only
+(the trainer's sending half is ``maspo_megatron/rollout/sglang``). Behaviour follows SGLang
+0.5.23 (python/sglang/srt):
 
 - ``flattened_bucket`` (weight_sync/tensor_bucket.py, ``supports_multi_dtypes``): every tensor is
   flattened, viewed as ``uint8`` and concatenated *in the order of* ``names``; tensor i occupies

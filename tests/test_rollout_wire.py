@@ -1,4 +1,9 @@
-"""Unit tests of the SGLang wire helpers and command builders (no processes)."""
+"""Unit tests of the SGLang wire format, the command builder and the client's retry logic.
+
+References are SGLang 0.5.23's own code where it runs here (its FlattenedTensorBucket receiver);
+the client-vs-stub tests inject faults the real server cannot be made to produce on demand
+(a 503, an abort, a malformed body), which is what those stubs are for.
+"""
 
 import asyncio
 import json
@@ -7,17 +12,16 @@ import pytest
 import torch
 from aiohttp import web
 
+from maspo_megatron.rollout.backend import ServerSpec, SamplingConfig, SamplingParams
 from maspo_megatron.rollout.client import (
     RolloutClient, RolloutClientConfig, RolloutError, RolloutRequest, RolloutRequestError,
 )
-from maspo_megatron.rollout.protocol import (
-    ProtocolError, SamplingParams, bucket_layout, error_message, flatten_bucket,
-    order_for_alignment, parse_generate_response, unflatten_bucket,
+from maspo_megatron.rollout.servers import free_port, router_command
+from maspo_megatron.rollout.sglang import BACKEND, server as sglang_server
+from maspo_megatron.rollout.sglang.wire import ProtocolError, error_message, parse_generate_response
+from maspo_megatron.rollout.weight_sync import (
+    WeightSyncConfig, WeightSyncer, flatten_bucket, iter_buckets, order_for_alignment,
 )
-from maspo_megatron.rollout.servers import (
-    SGLangServerConfig, cpu_server_command, free_port, router_command, sglang_server_command,
-)
-from maspo_megatron.rollout.weight_sync import WeightSyncConfig, WeightSyncer, iter_buckets
 
 
 def _mixed():
@@ -31,27 +35,27 @@ def _mixed():
     ]
 
 
-def test_flattened_bucket_mixed_dtypes_roundtrip_matches_sglang_layout():
+def test_flattened_bucket_mixed_dtypes_is_what_sglangs_receiver_rebuilds():
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
     named = order_for_alignment(_mixed())
     assert [t.element_size() for _, t in named] == [8, 4, 2, 2, 1]
     flat, metas = flatten_bucket(named)
     assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * t.element_size() for _, t in named)
-    # SGLang's receiver rebuilds the layout from the request's names/dtypes/shapes strings.
-    recv = bucket_layout([m.name for m in metas], [str(m.dtype).removeprefix("torch.") for m in metas],
-                         [list(m.shape) for m in metas])
-    assert recv == metas
-    for (name, sent), (rname, got) in zip(named, unflatten_bucket(flat.clone(), recv)):
+    # SGLang's receiver allocates from the request's names/dtypes/shapes and rebuilds in place.
+    recv = FlattenedTensorBucket.empty([m.name for m in metas],
+                                       [str(m.dtype).removeprefix("torch.") for m in metas],
+                                       [list(m.shape) for m in metas], "cpu")
+    recv.get_flattened_tensor().copy_(flat)
+    for (name, sent), (rname, got) in zip(named, recv.reconstruct_tensors()):
         assert name == rname and got.dtype == sent.dtype and torch.equal(got, sent)
-    # Byte offsets are contiguous (no padding), as SGLang's FlattenedTensorBucket.
-    assert [m.start for m in metas[1:]] == [m.end for m in metas[:-1]]
+    assert [m.start for m in metas[1:]] == [m.end for m in metas[:-1]]  # no padding
 
 
 def test_misaligned_bucket_order_is_rejected_with_the_fix_named():
     named = [("odd_bf16", torch.zeros(3, dtype=torch.bfloat16)), ("w", torch.zeros(2))]
-    with pytest.raises(ProtocolError, match="'w' .* starts at byte 6.*largest first"):
+    with pytest.raises(ValueError, match="'w' would start at byte 6.*order_for_alignment"):
         flatten_bucket(named)
-    with pytest.raises(ProtocolError, match="unknown dtype 'torch.bfloat16'"):
-        bucket_layout(["x"], ["torch.bfloat16"], [[2]])
 
 
 def test_iter_buckets_respects_size_and_keeps_oversized_tensor_alone():
@@ -63,22 +67,31 @@ def test_iter_buckets_respects_size_and_keeps_oversized_tensor_alone():
     assert sorted(n for b in names for n in b) == sorted(n for n, _ in named)
 
 
-def test_sampling_params_validation_uses_sglang_wording():
-    with pytest.raises(ProtocolError, match=r"top_p must be in \(0, 1\], got 0"):
-        SamplingParams.from_json({"top_p": 0})
-    with pytest.raises(ProtocolError, match="top_k must be -1"):
-        SamplingParams.from_json({"top_k": 0})
-    with pytest.raises(ProtocolError, match="repetition_penalty=1.3 is not supported"):
-        SamplingParams.from_json({"repetition_penalty": 1.3})
-    assert SamplingParams.from_json({"repetition_penalty": 1.0}).temperature == 1.0
+def test_sampling_config_is_validated_and_training_refuses_filtering():
+    from maspo_megatron.config import ConfigError, apply_overrides
+    from maspo_megatron.trainer import TrainerConfig
+
+    with pytest.raises(ValueError, match=r"rollout.sampling.top_p must be in \(0, 1\]"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="rollout.sampling.top_k must be -1"):
+        SamplingConfig(top_k=0)
+    with pytest.raises(ValueError, match="rollout.sampling.temperature must be > 0"):
+        SamplingConfig(temperature=0)
+    for key in ("rollout.sampling.top_p=0.9", "rollout.sampling.top_k=20"):
+        with pytest.raises(ConfigError, match="no correction for filtering"):
+            apply_overrides(TrainerConfig(), [key])
+    with pytest.raises(ConfigError, match="unknown config key 'rollout.temperature'"):
+        apply_overrides(TrainerConfig(), ["rollout.temperature=0.7"])
 
 
 def test_parse_generate_response_checks_fields_and_token_alignment():
     ok = {"output_ids": [5, 6], "meta_info": {
         "finish_reason": {"type": "stop", "matched": 6}, "prompt_tokens": 3, "completion_tokens": 2,
-        "weight_version": "3", "output_token_logprobs": [[-1.0, 5, None], [-2.0, 6, None]]}}
+        "weight_version": "3", "output_token_logprobs": [[-1.0, 5, None], [-2.0, 6, None]],
+        "input_token_logprobs": []}}  # SGLang's default when no prompt log-probs are asked for
     (out,) = parse_generate_response(ok, 1, True)
     assert out.output_logprobs == [-1.0, -2.0] and out.finish_reason == "stop" and out.weight_version == "3"
+    assert out.input_logprobs is None
     bad = json.loads(json.dumps(ok))
     bad["meta_info"]["output_token_logprobs"][1][1] = 9
     with pytest.raises(ProtocolError, match=r"output_token_logprobs\[1\]: token id 9"):
@@ -89,37 +102,56 @@ def test_parse_generate_response_checks_fields_and_token_alignment():
         parse_generate_response(ok, 2, True)
 
 
-def test_error_message_extracts_sglang_shapes():
-    assert error_message(400, '{"error": {"message": "bad top_p"}}') == "bad top_p"
+def test_error_message_extracts_the_shapes_sglang_0_5_23_answers():
+    assert error_message(400, '{"error": "unknown field `foo`"}') == "unknown field `foo`"
+    assert error_message(400, '{"object": "error", "message": "bad top_p", "code": 400}') == "bad top_p"
     assert error_message(400, '{"success": false, "message": "no group"}') == "no group"
+    assert error_message(400, '{"error": {"message": "nested"}}') == "nested"
     assert error_message(502, "upstream died") == "upstream died"
 
 
-def test_command_builders():
-    cfg = SGLangServerConfig(model_path="/m", tp_size=2, mem_fraction_static=0.7,
-                             enable_memory_saver=True, api_key="k", dtype="bfloat16",
-                             extra_args=["--log-level", "warning"])
-    cmd = sglang_server_command(cfg, 30001, python="py")
-    assert cmd[:3] == ["py", "-m", "sglang.launch_server"]
+def test_server_command_gpu_and_cpu():
+    spec = ServerSpec(model_path="/m", tp_size=2, mem_fraction_static=0.7, memory_saver=True,
+                      api_key="k", dtype="bfloat16", base_gpu_id=4, extra_args=["--log-level", "warning"])
+    cmd, env = sglang_server.server_command(spec, 30001, "10.0.0.5", python="py")
+    assert cmd[:3] == ["py", "-m", "sglang.launch_server"] and env == {}
     joined = " ".join(cmd)
-    for part in ("--model-path /m", "--tp-size 2", "--port 30001", "--mem-fraction-static 0.7",
-                 "--enable-memory-saver", "--skip-tokenizer-init", "--api-key k", "--dtype bfloat16",
-                 "--log-level warning"):
+    for part in ("--model-path /m", "--tp-size 2", "--host 10.0.0.5", "--port 30001",
+                 "--mem-fraction-static 0.7", "--enable-memory-saver", "--skip-tokenizer-init",
+                 "--api-key k", "--dtype bfloat16", "--base-gpu-id 4", "--log-level warning"):
         assert part in joined
-    assert "--enable-memory-saver" not in sglang_server_command(SGLangServerConfig("/m"), 1)
+    assert "--device" not in cmd
     with pytest.raises(ValueError, match="mem_fraction_static must be in"):
-        sglang_server_command(SGLangServerConfig("/m", mem_fraction_static=1.5), 1)
+        sglang_server.server_command(ServerSpec("/m", mem_fraction_static=1.5), 1, "h")
+    cpu, env = sglang_server.server_command(ServerSpec("/m", device="cpu"), 1, "h")
+    for flag in sglang_server.CPU_FLAGS + ["--dtype", "float32", "--max-total-tokens"]:
+        assert flag in cpu
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    # The stand-in sgl_kernel goes on the server's path only when no real build is importable.
+    assert env["PYTHONPATH"].split(":")[0] == sglang_server.SHIM_DIR
     r = router_command(["http://a:1", "http://b:2"], 30000, python="py")
     assert r[:3] == ["py", "-m", "sglang_router.launch_router"]
     assert r[r.index("--worker-urls") + 1:][:2] == ["http://a:1", "http://b:2"]
-    assert cpu_server_command("/m", 5)[1:3] == ["-m", "maspo_megatron.rollout.cpu_server"]
+
+
+def test_model_checks_name_the_key():
+    with pytest.raises(ValueError, match="rollout.sglang_tp=3 does not divide the model's 4 attention heads"):
+        BACKEND.check_model(ServerSpec("/m", tp_size=3), {"num_attention_heads": 4})
+    with pytest.raises(ValueError, match="rollout.sglang_tp=12 with 8 key/value heads"):
+        BACKEND.check_model(ServerSpec("/m", tp_size=12), {"num_attention_heads": 96, "num_key_value_heads": 8})
+    BACKEND.check_model(ServerSpec("/m", tp_size=16), {"num_attention_heads": 64, "num_key_value_heads": 8})
 
 
 def test_weight_sync_config_errors():
+    from maspo_megatron.config import ConfigError, apply_overrides
+    from maspo_megatron.trainer import TrainerConfig
+
     with pytest.raises(ValueError, match="disk_dir is required"):
         WeightSyncer(["http://x"], WeightSyncConfig(mode="disk"))
     with pytest.raises(ValueError, match="turn_barrier"):
         WeightSyncer(["http://x"], num_senders=2, sender_index=1)
+    with pytest.raises(ConfigError, match=r"weight_sync.mode must be one of \['distributed', 'disk', 'colocated'\], got 'typo'"):
+        apply_overrides(TrainerConfig(), ["weight_sync.mode=typo"])
 
 
 # --------------------------------------------------------------------------- client vs stubs
@@ -181,7 +213,7 @@ def test_client_quotes_4xx_and_malformed_bodies_without_retrying():
     async def garbage(request):
         return web.Response(text='{"output_ids": [1], "meta_info": {"finish_reason": 3}}')
 
-    with pytest.raises(RolloutError, match="malformed /generate response.*finish_reason"):
+    with pytest.raises(RolloutError, match="malformed generate response.*finish_reason"):
         _run_stub(garbage, lambda url: RolloutClient([url], FAST).generate(req))
 
 

@@ -1,0 +1,57 @@
+"""Real SGLang 0.5.23 servers (its CPU engine) for the tests: tiny HF models and server managers.
+
+Each server is the real ``sglang.launch_server`` process tree, started exactly as the trainer
+starts it (``rollout/sglang/server.py``), so these tests speak to what users run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maspo_megatron.rollout.backend import ServerSpec, get_backend
+from maspo_megatron.rollout.servers import ServerManager
+
+STARTUP_TIMEOUT_S = 300  # 16-60 s when idle; far more while other tests load the 2 cores
+
+
+def sglang_manager(model_dir: str, n: int, log_dir: str, **spec_fields) -> ServerManager:
+    spec = ServerSpec(model_path=model_dir, device="cpu", **spec_fields)
+    backend = get_backend("sglang")
+    return ServerManager(lambda port, host: backend.server_command(spec, port, host), n,
+                         startup_timeout_s=STARTUP_TIMEOUT_S, log_dir=log_dir)
+
+
+def make_family_model(path: str, family: str, seed: int = 0, vocab: int = 64):
+    """A random tiny HF model of ``family``: llama (untied), llama_tied, qwen2 (q/k/v biases),
+    qwen3 (QK-norm). Larger-than-default weights make outputs peaked and distinguishable."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=0, eos_token_id=1)
+    if family in ("llama", "llama_tied"):
+        cfg, cls = tf.LlamaConfig(**common, tie_word_embeddings=family == "llama_tied"), tf.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = tf.Qwen2Config(**common, tie_word_embeddings=False), tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg, cls = tf.Qwen3Config(**common, head_dim=8, tie_word_embeddings=False), tf.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    model = cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logprobs(model, ids, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1 from an HF forward (the independent reference)."""
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float() / temperature
+    return torch.log_softmax(logits[:-1], -1).gather(1, x[0, 1:, None])[:, 0]
