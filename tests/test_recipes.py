@@ -16,7 +16,28 @@ MOE = "maspo_qwen3_30b_a3b_moe"
 
 def test_every_recipe_is_covered():
     # A new recipe file must be added to these tests, not slip past them.
-    assert set(list_recipes()) == {"tiny_cpu", MOE, *DENSE}
+    assert set(list_recipes()) == {"tiny_cpu", "small_cpu", MOE, *DENSE}
+
+
+def test_small_cpu_is_the_math_recipe_at_cpu_sizes():
+    # The README's recipe for one's own data (tests/test_readme_own_data.py runs its command).
+    small, math, demo = load_recipe("small_cpu"), load_recipe("maspo_r1_distill_1_5b"), load_recipe("tiny_cpu")
+    text = (RECIPES_DIR / "small_cpu.py").read_text()
+    assert "from _maspo_math import" in text and "runpy" not in text
+    # The method's settings are the math recipes'; the machine's, rollout engine included, the demo's.
+    assert (small.actor.loss, small.actor.losses, small.actor.optimizer.lr) == (
+        math.actor.loss, math.actor.losses, math.actor.optimizer.lr)
+    assert small.reward.fn == "math" and small.data.prompt_template == math.data.prompt_template
+    assert (small.rollout.engine, small.parallel, small.model) == (demo.rollout.engine, demo.parallel, demo.model)
+    # Sizes that fit word problems, unlike the demo's.
+    assert small.data.max_prompt_len >= 512 > demo.data.max_prompt_len
+    assert small.rollout.max_new_tokens >= 512 > demo.rollout.max_new_tokens
+    assert small.actor.micro_batch_tokens >= small.data.max_prompt_len + small.rollout.max_new_tokens
+    assert small.algorithm.overlong.max_response_length == small.rollout.max_new_tokens
+    assert small.prompts_per_step % small.actor.num_mini_batches == 0
+    assert small.actor.optimizer.warmup_steps == 10 * small.actor.num_mini_batches
+    assert small.actor.temperature == small.rollout.temperature
+    assert small.model.path == "" and small.data.train_path == ""
 
 
 @pytest.mark.parametrize("name", DENSE)
@@ -29,13 +50,12 @@ def test_recipe_builds_and_fits_its_gpus(name):
     assert dp >= 1
     assert module.GPUS_PER_NODE % cfg.rollout.sglang_tp == 0
     # The trainer refuses to start when these differ (its log-probs describe the sampler).
-    assert cfg.actor.temperature == cfg.rollout.temperature
     # Paths come from the user; the launchers refuse empty ones.
     assert cfg.model.path == "" and cfg.data.train_path == ""
     # One prompt+response always fits a micro-batch, and the overlong penalty ends where
     # generation stops.
-    assert cfg.actor.micro_batch_tokens >= cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    assert cfg.algorithm.overlong.max_response_length == cfg.rollout.max_new_tokens
+    assert cfg.actor.micro_batch_tokens >= cfg.data.max_prompt_len + cfg.rollout.sampling.max_new_tokens
+    assert cfg.algorithm.overlong.max_response_length == cfg.rollout.sampling.max_new_tokens
     assert cfg.prompts_per_step % cfg.actor.num_mini_batches == 0
     if cfg.model.sequence_parallel:
         assert cfg.parallel.tp > 1
