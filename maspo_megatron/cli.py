@@ -59,7 +59,11 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            "-m", "maspo_megatron.cli", *argv]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    if nproc > 1:
+        # What torchrun itself sets for more than one process, minus its four-line banner saying so.
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
 
 
 def _default_nproc(cfg) -> int:

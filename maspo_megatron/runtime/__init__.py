@@ -1,5 +1,10 @@
 """Process groups, device choice, and the CPU execution mode for megatron-core."""
 
+# First, before anything here imports megatron-core: its import-time warnings (runtime/noise.py).
+from maspo_megatron.runtime.noise import quiet_upstream_noise
+
+quiet_upstream_noise()
+
 from maspo_megatron.runtime.cpu_mode import cpu_mode_enabled, enable_cpu_mode
 from maspo_megatron.runtime.parallel import ParallelConfig, destroy_parallel, device, initialize_parallel
 
@@ -10,4 +15,5 @@ __all__ = [
     "device",
     "enable_cpu_mode",
     "initialize_parallel",
+    "quiet_upstream_noise",
 ]

@@ -147,11 +147,11 @@ def _patch_megatron_recompute() -> None:
 
 
 def _quiet_cpu_warnings() -> None:
-    # megatron-core warns about GPU-only fusions (TE, Apex, CUDA_DEVICE_MAX_CONNECTIONS) that
-    # cannot exist on CPU; on every rank and every step they would bury the training output.
-    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    "When using async grad allreduce", "The .grad attribute of a Tensor that is not a leaf"):
-        warnings.filterwarnings("ignore", message=pattern)
+    # megatron's distributed optimizer checks ``param.grad is not None`` on its parameter shards
+    # in zero_grad (optimizer.py ``_zero_grad_group_helper``); read through the mode above, on
+    # fp32 CPU shards that are not leaves, torch warns on every rank and step. The read is only
+    # a None check. (megatron's GPU-only fallback warnings: runtime/noise.py.)
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
 
 
 def cpu_mode_enabled() -> bool:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.runtime.cpu_mode import enable_cpu_mode
+from maspo_megatron.runtime.noise import quiet_upstream_noise
 
 
 @dataclass
@@ -68,10 +69,11 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
     On a machine without CUDA this uses gloo and switches on the CPU execution mode; with CUDA
     it uses NCCL on ``LOCAL_RANK``'s device. Safe to call once per process.
     """
-    from megatron.core import parallel_state, tensor_parallel
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    quiet_upstream_noise(rank)  # before megatron's import-time warnings
+    from megatron.core import parallel_state, tensor_parallel
+
     cfg.validate(world_size)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
