@@ -1,4 +1,4 @@
-"""``maspo-megatron``: train, eval, export-hf, demo.
+"""``maspo-megatron``: train, config, eval, export-hf, demo.
 
 ``train`` runs under torchrun; started without it, it starts torchrun itself with as many
 processes as the layout needs (``--nproc-per-node``), so one command works on a laptop and in a
@@ -120,6 +120,29 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    import dataclasses
+    import json
+
+    from maspo_megatron.config import describe, format_keys, to_dict
+
+    keys = describe(apply_overrides(load_recipe(args.recipe), args.overrides))
+    if args.json:
+        text = json.dumps([{"key": k.key, "type": k.type, "value": to_dict(k.value),
+                            "default": None if k.default is dataclasses.MISSING else to_dict(k.default),
+                            "required": k.default is dataclasses.MISSING, "doc": k.doc} for k in keys],
+                          indent=1)
+    else:
+        text = (f"# {args.recipe}{' ' + ' '.join(args.overrides) if args.overrides else ''}: {len(keys)} "
+                "keys, as `key = value  [type; default]` and the key's doc; set any with key=value\n"
+                + format_keys(keys))
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `maspo-megatron config ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from maspo_megatron.demo import run_demo
 
@@ -134,8 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", required=True, help=f"recipe name or .py path ({', '.join(list_recipes())})")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes when not under torchrun (default: GPUs, or tp*pp*cp on CPU)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides; `maspo-megatron config --recipe R` lists every key "
+                        "with its type, value, default and doc")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("config", help="every config key of a recipe: type, value, default, doc")
+    p.add_argument("--recipe", required=True, help=f"recipe name or .py path ({', '.join(list_recipes())})")
+    p.add_argument("--json", action="store_true", help="a JSON list of {key, type, value, default, doc}")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides applied before showing the values (as `train` would)")
+    p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("eval", help="Avg@k / Pass@k of a model on a dataset through SGLang servers")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -143,7 +143,7 @@ def revalidate(cfg: Any) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    """JSON-friendly dict of a config tree (for metrics files and checkpoints)."""
+    """JSON-friendly dict of a config tree (for metrics files and checkpoints); leaves too."""
     def convert(value):
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -156,3 +156,153 @@ def to_dict(cfg: Any) -> dict:
         return str(value)
 
     return convert(cfg)
+
+
+# ----------------------------------------------------------------------------- describing keys
+
+
+@dataclasses.dataclass
+class KeyInfo:
+    """One settable key of a config tree, as ``maspo-megatron config`` shows it."""
+
+    key: str
+    """Dotted path, as written on the command line (``actor.optimizer.lr``)."""
+    type: str
+    """The declared type, as the override parser reads it."""
+    value: Any
+    """The value in the config described (a recipe, after overrides)."""
+    default: Any
+    """The dataclass field's own default (``dataclasses.MISSING`` when it has none)."""
+    doc: str
+    """The field's documentation from the source, on one line ('' when it has none)."""
+
+
+def _source_docs(cls: type) -> dict[str, str]:
+    """Field docs written in ``cls``'s own body (not its bases'), from its source.
+
+    Four styles occur in this code base, taken in this order of preference: an attribute
+    docstring (a string literal right under the field), a comment at the end of the field's line,
+    comment lines right above the field (``#`` or ``#:``), and a ``name: text`` entry in the
+    class docstring (continued on more-indented lines).
+    """
+    import ast
+    import inspect
+    import io
+    import re
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # defined interactively, or no source shipped
+        return {}
+    node = next((n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)), None)
+    if node is None:
+        return {}
+    comments: dict[int, str] = {}
+    code_rows: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").lstrip(":").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_rows.update(range(tok.start[0], tok.end[0] + 1))
+
+    docs: dict[str, str] = {}
+    body = node.body
+    for i, stmt in enumerate(body):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        name = stmt.target.id
+        after = body[i + 1] if i + 1 < len(body) else None
+        if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[name] = after.value.value
+            continue
+        trailing = [comments[r] for r in range(stmt.lineno, stmt.end_lineno + 1) if r in comments]
+        if trailing:
+            docs[name] = " ".join(trailing)
+            continue
+        above, row = [], stmt.lineno - 1
+        while row in comments and row not in code_rows:
+            above.insert(0, comments[row])
+            row -= 1
+        if above:
+            docs[name] = " ".join(above)
+
+    class_doc = inspect.cleandoc(ast.get_docstring(node, clean=False) or "")
+    current = None
+    for line in class_doc.splitlines():
+        match = re.match(r"(\w+):\s+(\S.*)", line)
+        if match:
+            current = match.group(1)
+            if current not in docs:
+                docs[current] = match.group(2)
+            else:
+                current = None
+        elif current is not None and line[:1].isspace() and line.strip():
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in docs.items()}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Doc line of every documented field of the dataclass ``cls``, inherited fields included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_source_docs(klass))
+    return docs
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def describe(cfg: Any, prefix: str = "") -> list[KeyInfo]:
+    """Every settable key of the config tree ``cfg``, depth first in declaration order."""
+    out: list[KeyInfo] = []
+    types_ = _field_types(cfg)
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += describe(value, key + ".")
+            continue
+        out.append(KeyInfo(key=key, type=_type_name(types_[f.name]), value=value,
+                           default=_field_default(f), doc=docs.get(f.name, "")))
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as one would write it after ``key=`` on a command line."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        plain = value and not any(c.isspace() or c in "\"'\\" for c in value)
+        return value if plain else json.dumps(value)
+    return json.dumps(to_dict(value), separators=(",", ":"))
+
+
+def format_keys(keys: list[KeyInfo], width: int = 100) -> str:
+    """The text ``maspo-megatron config`` prints: ``key = value  [type; default D]`` + doc."""
+    import textwrap
+
+    lines = []
+    for k in keys:
+        lines.append(f"{k.key} = {format_value(k.value)}  [{k.type}; default {format_value(k.default)}]")
+        if k.doc:
+            lines += textwrap.wrap(k.doc, width=width, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
