@@ -28,15 +28,17 @@ def test_small_cpu_is_the_math_recipe_at_cpu_sizes():
     assert (small.actor.loss, small.actor.losses, small.actor.optimizer.lr) == (
         math.actor.loss, math.actor.losses, math.actor.optimizer.lr)
     assert small.reward.fn == "math" and small.data.prompt_template == math.data.prompt_template
-    assert (small.rollout.engine, small.parallel, small.model) == (demo.rollout.engine, demo.parallel, demo.model)
+    assert (small.rollout.engine, small.rollout.device, small.parallel, small.model) == (
+        demo.rollout.engine, demo.rollout.device, demo.parallel, demo.model)
     # Sizes that fit word problems, unlike the demo's.
+    sampling = small.rollout.sampling
+    assert sampling == dataclasses.replace(math.rollout.sampling, max_new_tokens=sampling.max_new_tokens)
     assert small.data.max_prompt_len >= 512 > demo.data.max_prompt_len
-    assert small.rollout.max_new_tokens >= 512 > demo.rollout.max_new_tokens
-    assert small.actor.micro_batch_tokens >= small.data.max_prompt_len + small.rollout.max_new_tokens
-    assert small.algorithm.overlong.max_response_length == small.rollout.max_new_tokens
+    assert sampling.max_new_tokens >= 512 > demo.rollout.sampling.max_new_tokens
+    assert small.actor.micro_batch_tokens >= small.data.max_prompt_len + sampling.max_new_tokens
+    assert small.algorithm.overlong.max_response_length == sampling.max_new_tokens
     assert small.prompts_per_step % small.actor.num_mini_batches == 0
     assert small.actor.optimizer.warmup_steps == 10 * small.actor.num_mini_batches
-    assert small.actor.temperature == small.rollout.temperature
     assert small.model.path == "" and small.data.train_path == ""
 
 
