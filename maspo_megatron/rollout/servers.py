@@ -129,7 +129,7 @@ class ServerManager:
                  host: str = "127.0.0.1", ports: Sequence[int] | None = None,
                  startup_timeout_s: float = 600.0, health_path: str = "/health",
                  api_key: str | None = None, log_dir: str | None = None, env: dict | None = None,
-                 urls: Sequence[str] | None = None):
+                 urls: Sequence[str] | None = None, log_name: str = "server"):
         self.command_factory = command_factory
         self.startup_timeout_s = startup_timeout_s
         self.health_path = health_path
@@ -143,7 +143,7 @@ class ServerManager:
             if len(ports) != num_servers:
                 raise ValueError(f"ServerManager: {len(ports)} ports for {num_servers} servers")
             for i, port in enumerate(ports):
-                log = os.path.join(log_dir, f"server{i}_{port}.log") if log_dir else None
+                log = os.path.join(log_dir, f"{log_name}{i}_{port}.log") if log_dir else None
                 made = command_factory(port, host)
                 cmd, extra = made if isinstance(made, tuple) else (made, {})
                 proc_env = {**os.environ, **(env or {}), **extra} if (env or extra) else None
@@ -249,7 +249,7 @@ class RouterManager(ServerManager):
         super().__init__(
             lambda p, h: router_command(worker_urls, p, host=h, policy=policy, api_key=api_key,
                                         extra_args=extra_args),
-            1, host=host, ports=None if port is None else [port], api_key=api_key, **kw,
+            1, host=host, ports=None if port is None else [port], api_key=api_key, log_name="router", **kw,
         )
 
     @property
