@@ -1,9 +1,12 @@
-"""Launch: plan checks, the per-node entry point, the Slurm het-job script (nemo-run dry run,
-offline) and the local executor's commands. No Slurm here: the sbatch script is rendered and
-parsed, and its host-resolution block runs in bash against a fake ``scontrol``."""
+"""Launch (``launch/``): plan checks, the per-node entry point, the Slurm het-job script (nemo-run
+dry run, offline) and the local executor's commands. No Slurm here: the sbatch script is rendered
+and parsed, and its host-resolution block runs in bash against a fake ``scontrol``. The same
+launcher on a real (loopback) Slurm cluster: tests/test_slurm_real.py."""
 
+import json
 import os
 import re
+import sys
 import shlex
 import subprocess
 import textwrap
@@ -12,8 +15,8 @@ import pytest
 
 from maspo_megatron.cli import load_recipe
 from maspo_megatron.config import ConfigError, apply_overrides
-from maspo_megatron.launch import local, node, slurm
-from maspo_megatron.launch.plan import LaunchError, Ports, make_plan, rollout_args, train_args
+from launch import local, node, slurm
+from launch.plan import LaunchError, Ports, make_plan, rollout_args, train_args
 
 PATHS = ["model.path=/models/r1-7b", "data.train_path=/data/train.parquet"]
 TRICKY = "data.prompt_template={prompt} -- say it; use $x & \\boxed{}"  # quoting must survive
@@ -87,26 +90,57 @@ def test_hosts_missing_names_the_env_var():
     assert node.parse_hosts(" a, b,", "train", node.ENV_TRAIN_HOSTS) == ["a", "b"]
 
 
+def test_addresses_default_to_names_and_must_match_them():
+    assert node.parse_addrs("", ["a", "b"], "train") == ["a", "b"]
+    assert node.parse_addrs("10.0.0.1,10.0.0.2", ["a", "b"], "train") == ["10.0.0.1", "10.0.0.2"]
+    with pytest.raises(node.NodeError, match=r"1 train addresses \['10.0.0.1'\] for 2 train hosts"):
+        node.parse_addrs("10.0.0.1", ["a", "b"], "train")
+
+
+def test_servers_bind_the_nodes_address_not_a_wildcard(capsys):
+    assert node.bind_address("127.0.0.1") == "127.0.0.1"
+    assert node.bind_address("localhost") == "127.0.0.1"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(node.NodeError, match="cannot resolve this node's address 'no-such-host.invalid'"):
+        node.bind_address("no-such-host.invalid")
+    args = node.build_parser().parse_args(rollout_args(_plan()))
+    assert args.bind_host is None  # i.e. bind_address(this node's address), never 0.0.0.0
+
+
 def test_train_node_command_attaches_the_trainer_to_the_jobs_servers():
     plan = _plan(overrides=[*PATHS, TRICKY])
     args = node.build_parser().parse_args(
         train_args(plan, ["--rollout-hosts", "r0,r1", "--train-hosts", "t0,t1", "--node-rank", "1"]))
     assert args.overrides == [*PATHS, TRICKY]
     cmd = node.train_command(
-        rollout_hosts=["r0", "r1"], train_hosts=["t0", "t1"], rank=1, advertise_host="t1",
+        rollout_addrs=["10.0.0.1", "10.0.0.2"], train_addrs=["10.0.1.1", "10.0.1.2"], rank=1,
         nproc_per_node=args.nproc_per_node, servers_per_node=args.servers_per_node,
         server_port=args.server_port, router_port=args.router_port, master_port=args.master_port,
         recipe=args.recipe, overrides=args.overrides, python="python")
     assert cmd[:8] == ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
-                       "--node-rank=1", "--master-addr=t0", "--master-port=29500"]
+                       "--node-rank=1", "--master-addr=10.0.1.1", "--master-port=29500"]
     i = cmd.index("maspo_megatron.cli")
     assert cmd[i + 1:i + 4] == ["train", "--recipe", "maspo_r1_distill_7b"]
-    # What the trainer receives parses into its config: 4 TP2 servers per 8-GPU node.
+    # What the trainer receives parses into its config: 4 TP2 servers per 8-GPU node, reached at
+    # the nodes' addresses; the weight-sync sender on this node advertises its own address.
     cfg = apply_overrides(load_recipe(args.recipe), cmd[i + 4:])
-    assert cfg.rollout.server_urls == [f"http://r{n}:{30000 + s}" for n in (0, 1) for s in range(4)]
-    assert cfg.rollout.router_url == "http://r0:30100"
-    assert cfg.weight_sync.master_address == "t1"
+    assert cfg.rollout.server_urls == [f"http://10.0.0.{n}:{30000 + s}" for n in (1, 2) for s in range(4)]
+    assert cfg.rollout.router_url == "http://10.0.0.1:30100"
+    assert cfg.weight_sync.master_address == "10.0.1.2"
     assert cfg.data.prompt_template == TRICKY.split("=", 1)[1]
+
+
+def test_weight_sync_port_flag_becomes_an_override_unless_the_user_set_one():
+    plan = make_plan("maspo_r1_distill_7b", PATHS, train_nodes=2, train_gpus_per_node=8, rollout_nodes=1,
+                     rollout_gpus_per_node=8, ports=Ports(weight_sync=29600))
+    assert node.build_parser().parse_args(train_args(plan)).overrides == [*PATHS, "weight_sync.master_port=29600"]
+    mine = [*PATHS, "weight_sync.master_port=29700"]
+    plan = make_plan("maspo_r1_distill_7b", mine, train_nodes=2, train_gpus_per_node=8, rollout_nodes=1,
+                     rollout_gpus_per_node=8, ports=Ports(weight_sync=29600))
+    assert node.build_parser().parse_args(train_args(plan)).overrides == mine
+    with pytest.raises(LaunchError, match="ports collide.*weight sync 29500"):
+        make_plan("maspo_r1_distill_7b", PATHS, train_nodes=2, train_gpus_per_node=8, rollout_nodes=1,
+                  rollout_gpus_per_node=8, ports=Ports(weight_sync=29500))
 
 
 def test_train_node_fails_clearly_when_servers_never_come_up():
@@ -115,11 +149,18 @@ def test_train_node_fails_clearly_when_servers_never_come_up():
         node.wait_for_rollouts([url], url, timeout_s=0.5)
 
 
-def test_rollout_node_arguments_parse():
-    plan = _plan(overrides=[*PATHS, "rollout.mem_fraction_static=0.8"])
+def test_rollout_node_arguments_carry_the_recipes_server_spec():
+    plan = _plan(overrides=[*PATHS, "rollout.mem_fraction_static=0.8", "rollout.dtype=bfloat16"])
     args = node.build_parser().parse_args(rollout_args(plan))
-    assert (args.model_path, args.num_gpus, args.sglang_tp, args.mem_fraction_static) == ("/models/r1-7b", 8, 2, 0.8)
+    spec = json.loads(args.server_spec)
+    assert (spec["model_path"], spec["tp_size"], spec["mem_fraction_static"], spec["dtype"], spec["device"]) == \
+        ("/models/r1-7b", 2, 0.8, "bfloat16", "cuda")
+    assert (args.engine, args.num_gpus) == ("sglang", 8)
     assert args.log_dir == "outputs/maspo_r1_distill_7b/rollout_logs"
+    cpu = node.build_parser().parse_args(rollout_args(make_plan(
+        "tiny_cpu", ["model.path=/m", "data.train_path=/d"], train_nodes=1, train_gpus_per_node=2,
+        rollout_nodes=1, rollout_gpus_per_node=1)))
+    assert json.loads(cpu.server_spec)["device"] == "cpu"  # the CPU recipe runs SGLang's CPU engine
 
 
 # --------------------------------------------------------------------------- slurm (dry run)
@@ -134,6 +175,19 @@ OPTS = dict(account="acct", partition="batch", train_image="nvcr.io/nvidia/nemo:
 def sbatch():
     plan = _plan(overrides=[*PATHS, TRICKY], train_nodes=2, rollout_nodes=3)
     return slurm.render_sbatch(plan, slurm.SlurmOptions(**OPTS))
+
+
+@pytest.fixture(scope="module")
+def bare_sbatch():
+    """No account, no images: bare-metal, as on the loopback test cluster."""
+    plan = _plan(overrides=[*PATHS, TRICKY], train_nodes=2, rollout_nodes=1)
+    # nemo-run makes <job>/code through invoke, which reads stdin: pytest's capture refuses that.
+    stdin, sys.stdin = sys.stdin, open(os.devnull)
+    try:
+        return slurm.render_sbatch(plan, slurm.SlurmOptions(job_dir="/shared/jobs", monitor_wait_s=7))
+    finally:
+        sys.stdin.close()
+        sys.stdin = stdin
 
 
 def _sbatch_groups(script):
@@ -168,14 +222,41 @@ def test_sbatch_runs_servers_and_trainer_in_their_images(sbatch):
         mounts = argv[argv.index("--container-mounts") + 1].split(",")
         assert "/lustre/models:/models" in mounts and "/lustre/code:/lustre/code" in mounts
     i = rollout.index("python")
-    assert rollout[i:i + 4] == ["python", "-m", "maspo_megatron.launch.node", "rollout"]
+    assert rollout[i:i + 4] == ["python", "-m", "launch.node", "rollout"]
     r = node.build_parser().parse_args(rollout[i + 3:])
-    assert (r.model_path, r.num_gpus, r.sglang_tp, r.server_port, r.router_port) == ("/models/r1-7b", 8, 2, 30000, 30100)
+    spec = json.loads(r.server_spec)
+    assert (spec["model_path"], r.num_gpus, spec["tp_size"], r.server_port, r.router_port) == \
+        ("/models/r1-7b", 8, 2, 30000, 30100)
     j = train.index("python")
-    assert train[j:j + 4] == ["python", "-m", "maspo_megatron.launch.node", "train"]
+    assert train[j:j + 4] == ["python", "-m", "launch.node", "train"]
     t = node.build_parser().parse_args(train[j + 3:])
     assert (t.recipe, t.nproc_per_node, t.servers_per_node) == ("maspo_r1_distill_7b", 8, 4)
     assert t.overrides == [*PATHS, TRICKY]  # quoting survived the shell line
+
+
+def test_sbatch_without_images_or_account_runs_bare_metal_from_the_code_dir(bare_sbatch):
+    g0, g1 = _sbatch_groups(bare_sbatch)
+    assert not [l for l in g0 + g1 if "--account" in l]
+    for group in (0, 1):
+        argv = _srun(bare_sbatch, group)
+        assert "--container-image" not in argv and "--container-mounts" not in argv
+        chdir = argv[argv.index("--chdir") + 1]
+        assert chdir.startswith("/shared/jobs/experiments/maspo/") and chdir.endswith("/code")
+        # The launcher's own interpreter (a shared-filesystem venv), running the shipped launch/node.py.
+        i = argv.index(sys.executable)
+        assert argv[i + 1:i + 3] == ["-m", "launch.node"]
+    # The group monitor checks every 7 s and ends the other group 7 s after the first one exits.
+    assert bare_sbatch.count("sleep 7") == 2 and "sleep 60" not in bare_sbatch
+
+
+def test_local_submission_stages_where_its_tunnel_submits_from(tmp_path):
+    # nemo-run's LocalTunnel submits <job_dir>/<title>/<id>/<task>_sbatch.sh; the Experiment must
+    # have written it there (DESIGN: else "sbatch: Unable to open file").
+    opts = slurm.SlurmOptions(job_dir=str(tmp_path / "jobs"))
+    tunnel = slurm._tunnel(opts)
+    with slurm.experiment(opts, log_level="WARN") as exp:
+        tunnel._set_job_dir(exp._id)
+        assert tunnel.job_dir == exp._exp_dir
 
 
 def test_sbatch_environment(sbatch):
@@ -193,29 +274,35 @@ def _run_setup(tmp_path, env):
     fake.mkdir(exist_ok=True)
     (fake / "scontrol").write_text(textwrap.dedent("""\
         #!/bin/bash
-        # scontrol show hostnames LIST: a bracket-free comma list, one name per line
-        [ "$1 $2" = "show hostnames" ] || exit 1
-        [ -n "$3" ] && tr ',' '\\n' <<< "$3"
+        # scontrol show hostnames LIST: a bracket-free comma list, one name per line;
+        # scontrol show node NAME: NodeAddr=10.0.0.<digits of NAME>, except for node "bare".
+        if [ "$1 $2" = "show hostnames" ]; then [ -n "$3" ] && tr ',' '\\n' <<< "$3"; exit 0; fi
+        if [ "$1 $2" = "show node" ]; then
+          [ "$3" = bare ] && { echo "NodeName=bare State=IDLE"; exit 0; }
+          echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.0.0.${3//[!0-9]/} NodeHostName=$3"; exit 0
+        fi
+        exit 1
         """))
     (fake / "scontrol").chmod(0o755)
-    script = slurm.SETUP_LINES + f'\necho "R=${node.ENV_ROLLOUT_HOSTS} T=${node.ENV_TRAIN_HOSTS}"\n'
+    script = slurm.SETUP_LINES + (f'\necho "R=${node.ENV_ROLLOUT_HOSTS} T=${node.ENV_TRAIN_HOSTS} '
+                                  f'RA=${node.ENV_ROLLOUT_ADDRS} TA=${node.ENV_TRAIN_ADDRS}"\n')
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env={"PATH": f"{fake}:{os.environ['PATH']}", **env})
 
 
-def test_sbatch_resolves_het_group_hostnames(sbatch, tmp_path):
+def test_sbatch_resolves_het_group_hostnames_and_addresses(sbatch, tmp_path):
     assert slurm.SETUP_LINES in sbatch
     out = _run_setup(tmp_path, {"SLURM_JOB_NODELIST_HET_GROUP_0": "r1,r2",
-                                "SLURM_JOB_NODELIST_HET_GROUP_1": "t1,t2,t3"})
+                                "SLURM_JOB_NODELIST_HET_GROUP_1": "t1,t2,bare"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "R=r1,r2 T=t1,t2,t3"
+    assert out.stdout.strip().splitlines()[-1] == \
+        "R=r1,r2 T=t1,t2,bare RA=10.0.0.1,10.0.0.2 TA=10.0.0.1,10.0.0.2,bare"
     bad = _run_setup(tmp_path, {"SLURM_JOB_NODELIST_HET_GROUP_0": "r1"})
     assert bad.returncode != 0 and "no hostnames for het group 1 (training)" in bad.stderr
 
 
 def test_slurm_cli_errors(capsys):
-    base = ["--account", "a", "--train-image", "t", "--rollout-image", "r", "--job-dir", "/j",
-            "--rollout-nodes", "1", "--dry-run"]
+    base = ["--job-dir", "/j", "--rollout-nodes", "1", "--dry-run"]
     assert slurm.main(["--recipe", "maspo_r1_distill_7b", "--train-nodes", "0", *base, *PATHS]) == 2
     assert "--train-nodes must be a positive integer, got 0" in capsys.readouterr().err
     assert slurm.main(["--recipe", "nope", "--train-nodes", "1", *base, *PATHS]) == 2
@@ -225,6 +312,12 @@ def test_slurm_cli_errors(capsys):
     assert slurm.main(["--recipe", "maspo_r1_distill_7b", "--train-nodes", "2", *base, *PATHS,
                        "--env", "NOEQUALS"]) == 2
     assert "--env 'NOEQUALS' must look like KEY=VALUE" in capsys.readouterr().err
+    assert slurm.main(["--recipe", "maspo_r1_distill_7b", "--train-nodes", "2", *base, *PATHS,
+                       "--mount", "/a:/b"]) == 2
+    assert "--mount needs a container image" in capsys.readouterr().err
+    assert slurm.main(["--recipe", "maspo_r1_distill_7b", "--train-nodes", "2", *base, *PATHS,
+                       "--monitor-wait", "0"]) == 2
+    assert "--monitor-wait must be >= 1 second" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- local
@@ -235,12 +328,15 @@ def test_local_tasks_split_gpus_and_share_hosts():
                      rollout_nodes=1, rollout_gpus_per_node=2)
     (rname, rargv, renv), (tname, targv, tenv) = local.local_tasks(plan, python="python")
     assert (rname, tname) == ("rollout", "train")
+    assert rargv[1:3] == targv[1:3] == ["-m", "launch.node"]
     assert renv["CUDA_VISIBLE_DEVICES"] == "6,7" and tenv["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5"
     r = node.build_parser().parse_args(rargv[3:])
     t = node.build_parser().parse_args(targv[3:])
-    assert (r.num_gpus, r.sglang_tp, r.node_rank, r.bind_host) == (2, 2, 0, "127.0.0.1")
-    assert (t.nproc_per_node, t.servers_per_node, t.advertise_host) == (6, 1, "127.0.0.1")
-    assert renv[node.ENV_ROLLOUT_HOSTS] == tenv[node.ENV_TRAIN_HOSTS] == "127.0.0.1"
+    assert (r.num_gpus, json.loads(r.server_spec)["tp_size"], r.node_rank, r.bind_host) == (2, 2, 0, "127.0.0.1")
+    assert (t.nproc_per_node, t.servers_per_node) == (6, 1)
+    for env in (renv, tenv):
+        assert env[node.ENV_ROLLOUT_ADDRS] == env[node.ENV_TRAIN_ADDRS] == "127.0.0.1"
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == local.REPO  # launch.node from this checkout
     assert t.overrides == PATHS
 
 

@@ -1,4 +1,4 @@
-"""A launch plan: the recipe's config checked against the GPUs it will get, before submission.
+"""A launch plan: the recipe's config checked against the nodes it will get, before submission.
 
 Everything a user can get wrong on the command line fails here with a message that names the
 flag or config key, instead of minutes later on a cluster.
@@ -6,10 +6,13 @@ flag or config key, instead of minutes later on a cluster.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from maspo_megatron.cli import load_recipe
 from maspo_megatron.config import ConfigError, apply_overrides
+from maspo_megatron.rollout.backend import ServerSpec
 
 LAUNCHER_KEYS = ("rollout.server_urls", "rollout.router_url", "weight_sync.master_address")
 """Config keys the launcher derives from the job's hostnames; users must not set them."""
@@ -27,6 +30,9 @@ class Ports:
     """sglang-router port on the first rollout node."""
     master: int = 29500
     """torchrun master port on the first training node."""
+    weight_sync: int = 0
+    """Weight-update rendezvous port on the training nodes (pipeline stage i uses ``+ i``);
+    0: the recipe's ``weight_sync.master_port`` (whose 0 means a free port per sender)."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,29 @@ class LaunchPlan:
     train_gpus_per_node: int
     rollout_nodes: int
     rollout_gpus_per_node: int
-    sglang_tp: int
-    mem_fraction_static: float | None
+    engine: str
+    server: ServerSpec
+    """What each rollout server is asked (the recipe's ``rollout`` section); the node sets
+    ``base_gpu_id`` per server."""
     startup_timeout_s: float
     ports: Ports
 
     @property
+    def sglang_tp(self) -> int:
+        return self.server.tp_size
+
+    @property
     def servers_per_node(self) -> int:
-        return self.rollout_gpus_per_node // self.sglang_tp
+        return self.rollout_gpus_per_node // self.server.tp_size
+
+    @property
+    def train_overrides(self) -> tuple[str, ...]:
+        """The user's overrides plus the ones the launcher's flags stand for."""
+        extra = []
+        if self.ports.weight_sync and not any(o.split("=", 1)[0].strip() == "weight_sync.master_port"
+                                              for o in self.overrides):
+            extra.append(f"weight_sync.master_port={self.ports.weight_sync}")
+        return (*self.overrides, *extra)
 
 
 def require_positive(flag: str, value) -> None:
@@ -83,9 +104,6 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
     except ValueError as e:
         raise LaunchError(f"recipe {recipe}: its parallel layout does not fit {train_nodes} training "
                           f"node(s) x {train_gpus_per_node} GPUs = {world} ranks: {e}") from None
-    if cfg.rollout.engine != "sglang":
-        raise LaunchError(f"recipe {recipe}: rollout.engine={cfg.rollout.engine!r}; the launchers start "
-                          "SGLang servers (rollout.engine=sglang)")
     tp = cfg.rollout.sglang_tp
     if tp < 1 or rollout_gpus_per_node % tp:
         raise LaunchError(f"rollout.sglang_tp={tp} must divide the {rollout_gpus_per_node} rollout GPUs "
@@ -94,34 +112,37 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
         raise LaunchError("weight_sync.mode=colocated needs trainer and servers on the same GPUs; these "
                           "launchers give them separate GPUs (use distributed or disk)")
     server_ports = range(ports.server, ports.server + rollout_gpus_per_node // tp)
-    if ports.router in server_ports or ports.master in server_ports or ports.router == ports.master:
+    named = {"router": ports.router, "torchrun master": ports.master}
+    if ports.weight_sync:
+        named["weight sync"] = ports.weight_sync
+    taken = list(named.values())
+    if any(p in server_ports for p in taken) or len(set(taken)) < len(taken):
         raise LaunchError(f"ports collide: servers use {server_ports.start}-{server_ports.stop - 1}, "
-                          f"router {ports.router}, torchrun master {ports.master}")
+                          + ", ".join(f"{n} {p}" for n, p in named.items()))
     return LaunchPlan(
         recipe=recipe, overrides=tuple(overrides), model_path=cfg.model.path,
         output_dir=cfg.output_dir, train_nodes=train_nodes, train_gpus_per_node=train_gpus_per_node,
-        rollout_nodes=rollout_nodes, rollout_gpus_per_node=rollout_gpus_per_node, sglang_tp=tp,
-        mem_fraction_static=cfg.rollout.mem_fraction_static,
+        rollout_nodes=rollout_nodes, rollout_gpus_per_node=rollout_gpus_per_node,
+        engine=cfg.rollout.engine, server=cfg.rollout.server_spec(cfg.model.path),
         startup_timeout_s=cfg.rollout.startup_timeout_s, ports=ports,
     )
 
 
 def rollout_args(plan: LaunchPlan, extra: list[str] = ()) -> list[str]:
-    """Arguments of ``maspo_megatron.launch.node rollout`` for this plan; ``extra`` node options
-    (e.g. ``--rollout-hosts``) are added, else hosts come from the environment."""
-    args = ["rollout", "--model-path", plan.model_path, "--num-gpus", str(plan.rollout_gpus_per_node),
-            "--sglang-tp", str(plan.sglang_tp), "--server-port", str(plan.ports.server),
-            "--router-port", str(plan.ports.router), "--startup-timeout", str(plan.startup_timeout_s),
-            "--log-dir", f"{plan.output_dir}/rollout_logs"]
-    if plan.mem_fraction_static is not None:
-        args += ["--mem-fraction-static", str(plan.mem_fraction_static)]
-    return args + list(extra)
+    """Arguments of ``launch.node rollout`` for this plan; ``extra`` node options (e.g.
+    ``--rollout-hosts``) are added, else hosts come from the environment."""
+    return ["rollout", "--engine", plan.engine,
+            "--server-spec", json.dumps(dataclasses.asdict(plan.server), separators=(",", ":")),
+            "--num-gpus", str(plan.rollout_gpus_per_node),
+            "--server-port", str(plan.ports.server), "--router-port", str(plan.ports.router),
+            "--startup-timeout", str(plan.startup_timeout_s),
+            "--log-dir", f"{plan.output_dir}/rollout_logs", *extra]
 
 
 def train_args(plan: LaunchPlan, extra: list[str] = ()) -> list[str]:
-    """Arguments of ``maspo_megatron.launch.node train`` for this plan; ``extra`` node options are
-    added before the config overrides."""
+    """Arguments of ``launch.node train`` for this plan; ``extra`` node options are added before
+    the config overrides."""
     return ["train", "--recipe", plan.recipe, "--nproc-per-node", str(plan.train_gpus_per_node),
             "--servers-per-node", str(plan.servers_per_node), "--server-port", str(plan.ports.server),
             "--router-port", str(plan.ports.router), "--master-port", str(plan.ports.master),
-            "--startup-timeout", str(plan.startup_timeout_s), *extra, "--", *plan.overrides]
+            "--startup-timeout", str(plan.startup_timeout_s), *extra, "--", *plan.train_overrides]
