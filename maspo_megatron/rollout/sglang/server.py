@@ -10,13 +10,10 @@ ops). That engine calls sgl-kernel's C++ CPU build, which has no wheel; when no 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 from maspo_megatron.rollout.backend import ServerSpec
-
-SHIM_DIR = os.path.join(os.path.dirname(__file__), "cpu_shim")
+from maspo_megatron.rollout.sglang.cpu_shim import SHIM_DIR, cpu_engine_env  # noqa: F401
 
 # SGLang's CPU engine as verified on this project's CI machine (2-core x86, no GPU).
 CPU_FLAGS = [
@@ -29,10 +26,6 @@ CPU_FLAGS = [
     "--skip-server-warmup",  # the warm-up request takes minutes on 2 cores
 ]
 CPU_MAX_TOTAL_TOKENS = 16384  # KV cache in tokens; the CPU engine sizes it from RAM otherwise
-
-
-def _real_sgl_kernel() -> bool:
-    return importlib.util.find_spec("sgl_kernel") is not None
 
 
 def server_command(spec: ServerSpec, port: int, host: str, python: str = sys.executable
@@ -50,10 +43,9 @@ def server_command(spec: ServerSpec, port: int, host: str, python: str = sys.exe
     env: dict[str, str] = {}
     if spec.device == "cpu":
         cmd += CPU_FLAGS + ["--max-total-tokens", str(spec.max_total_tokens or CPU_MAX_TOTAL_TOKENS)]
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
-        if not _real_sgl_kernel():
-            env["PYTHONPATH"] = os.pathsep.join(
-                [SHIM_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        # SGLANG_USE_CPU_ENGINE=1, plus the stand-in first on PYTHONPATH when the server's
+        # interpreter imports no real sgl_kernel (refused with a CUDA device visible).
+        env.update(cpu_engine_env(python))
     elif spec.max_total_tokens:
         cmd += ["--max-total-tokens", str(spec.max_total_tokens)]
     if spec.dtype or spec.device == "cpu":
