@@ -22,19 +22,17 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
 import math
 import pickle
-import sys
-import threading
-import types
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
+
+# The sending half lives in the package; the double reuses its wire types.
+from maspo_megatron.rollout.sglang.ipc import FlattenedTensorMetadata
+from maspo_megatron.rollout.weight_sync import init_weight_update_group  # noqa: F401 (re-export)
 
 # Greedy below this temperature, as SGLang's sampling_params._SAMPLING_EPS.
 SAMPLING_EPS = 1e-6
@@ -114,112 +112,6 @@ class SamplingParams:
 
 
 # --------------------------------------------------------------------------- /generate results
-@dataclass
-class GenerateOutput:
-    """One sample of a /generate response, parsed."""
-
-    output_ids: list[int]
-    output_logprobs: list[float] | None  # log_softmax(logits / T) of each output token
-    finish_reason: str  # "stop" | "length" | "abort"
-    finish_detail: dict[str, Any]  # the raw finish_reason object (matched token, message, ...)
-    prompt_tokens: int
-    completion_tokens: int
-    weight_version: str | None
-    input_logprobs: list[float | None] | None = None  # SGLang input_token_logprobs values
-    meta_info: dict[str, Any] = field(default_factory=dict)
-
-
-def _field(obj: dict, key: str, where: str):
-    if key not in obj:
-        raise ProtocolError(f"{where}: missing field {key!r} in {_clip(obj)}")
-    return obj[key]
-
-
-def _clip(obj: Any, limit: int = 300) -> str:
-    text = obj if isinstance(obj, str) else json.dumps(obj, default=str)
-    return text if len(text) <= limit else text[:limit] + "...(truncated)"
-
-
-def parse_logprob_triples(items: Any, where: str, token_ids: Sequence[int] | None = None):
-    """``[[logprob, token_id, text], ...]`` -> list of logprobs (None kept), checking token ids."""
-    if not isinstance(items, list):
-        raise ProtocolError(f"{where}: expected a list of [logprob, token_id, text], got {_clip(items)}")
-    values = []
-    for j, item in enumerate(items):
-        if not isinstance(item, (list, tuple)) or len(item) < 2:
-            raise ProtocolError(f"{where}[{j}]: expected [logprob, token_id, text], got {_clip(item)}")
-        if token_ids is not None and item[1] != token_ids[j]:
-            raise ProtocolError(
-                f"{where}[{j}]: token id {item[1]} does not match the token at that position "
-                f"({token_ids[j]})"
-            )
-        values.append(None if item[0] is None else float(item[0]))
-    return values
-
-
-def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> list[GenerateOutput]:
-    """Parses a /generate JSON body (one object, or a list for batch / n>1 requests)."""
-    items = body if isinstance(body, list) else [body]
-    if len(items) != expected:
-        raise ProtocolError(f"/generate returned {len(items)} outputs, expected {expected}: {_clip(body)}")
-    outs = []
-    for i, item in enumerate(items):
-        where = f"/generate output {i}"
-        if not isinstance(item, dict):
-            raise ProtocolError(f"{where}: expected an object, got {_clip(item)}")
-        output_ids = _field(item, "output_ids", where)
-        meta = _field(item, "meta_info", where)
-        if not isinstance(output_ids, list) or not isinstance(meta, dict):
-            raise ProtocolError(f"{where}: output_ids must be a list and meta_info an object: {_clip(item)}")
-        finish = _field(meta, "finish_reason", where + ".meta_info")
-        if not isinstance(finish, dict) or "type" not in finish:
-            raise ProtocolError(f"{where}.meta_info.finish_reason: expected {{'type': ...}}, got {_clip(finish)}")
-        logprobs = None
-        if want_logprobs and finish["type"] != "abort":
-            triples = _field(meta, "output_token_logprobs", where + ".meta_info")
-            logprobs = parse_logprob_triples(
-                triples, where + ".meta_info.output_token_logprobs", output_ids
-            )
-            if len(logprobs) != len(output_ids):
-                raise ProtocolError(
-                    f"{where}: {len(logprobs)} output_token_logprobs for {len(output_ids)} output_ids"
-                )
-        input_lp = None
-        if want_logprobs and "input_token_logprobs" in meta:
-            input_lp = parse_logprob_triples(
-                meta["input_token_logprobs"], where + ".meta_info.input_token_logprobs"
-            )
-        outs.append(GenerateOutput(
-            output_ids=[int(t) for t in output_ids],
-            output_logprobs=logprobs,
-            finish_reason=str(finish["type"]),
-            finish_detail=finish,
-            prompt_tokens=int(meta.get("prompt_tokens", 0)),
-            completion_tokens=int(meta.get("completion_tokens", len(output_ids))),
-            weight_version=None if meta.get("weight_version") is None else str(meta["weight_version"]),
-            input_logprobs=input_lp,
-            meta_info=meta,
-        ))
-    return outs
-
-
-def error_message(status: int, text: str) -> str:
-    """The server's own message from an error body (SGLang's several shapes), else the raw text."""
-    try:
-        body = json.loads(text)
-    except (ValueError, TypeError):
-        return _clip(text.strip() or f"HTTP {status} with an empty body", 1000)
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        for key in ("message", "detail", "error"):
-            if key in body and body[key]:
-                return str(body[key])
-    return _clip(body, 1000)
-
-
-# --------------------------------------------------------------------------- flattened_bucket
 def dtype_to_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -267,52 +159,12 @@ def bucket_layout(names: Sequence[str], dtypes: Sequence[str | torch.dtype],
     return metas
 
 
-def flatten_bucket(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[TensorMeta]]:
-    """Concatenates tensors' bytes in the given order into one uint8 tensor (sender side)."""
-    if not named:
-        raise ValueError("cannot flatten an empty bucket")
-    metas = bucket_layout([n for n, _ in named], [t.dtype for _, t in named],
-                          [list(t.shape) for _, t in named])
-    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in named])
-    return flat, metas
-
-
 def unflatten_bucket(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
     """Zero-copy views of each tensor in a received bucket (receiver side)."""
     return [(m.name, flat[m.start:m.end].view(m.dtype).reshape(m.shape)) for m in metas]
 
 
-def order_for_alignment(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """Stable sort by element size, largest first, so every byte offset in the bucket is aligned."""
-    return sorted(named, key=lambda nt: -nt[1].element_size())
-
-
 # --------------------------------------------------------------------------- process group
-def init_weight_update_group(*, backend: str, master_address: str, master_port: int, rank: int,
-                             world_size: int, group_name: str, timeout_s: float):
-    """Creates the trainer<->engines weight-update group, separate from the default group.
-
-    Mirrors SGLang's ``init_custom_process_group`` (TCP rendezvous, ``PrefixStore(group_name)``,
-    ``_new_process_group_helper``) so a trainer built on this joins real SGLang servers. Rank 0
-    hosts the TCP store. Works whether or not the calling process has a default group.
-    """
-    from torch.distributed.distributed_c10d import (
-        Backend, PrefixStore, _new_process_group_helper, _world, rendezvous,
-    )
-
-    timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(
-        f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout
-    ))
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout,
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
-
-
 def destroy_weight_update_group(group) -> None:
     torch.distributed.destroy_process_group(group)
 
@@ -330,110 +182,13 @@ def destroy_weight_update_group(group) -> None:
 # ``CUDA_VISIBLE_DEVICES`` number the same GPU differently. SGLang unpickles with an allowlist
 # (``SafeUnpickler``: torch.*, builtins, sglang.srt.weight_sync.tensor_bucket.*, ...), so the
 # metadata must be pickled under SGLang's class name, not ours.
-SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
 # srt/constants.py GPU_MEMORY_ALL_TYPES: what /release_memory_occupation releases without tags.
 GPU_MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 _DEVICE_ARG = 6  # position of the device in torch's rebuild_cuda_tensor arguments
 
 
-@dataclass
-class FlattenedTensorMetadata:
-    """Wire form of one tensor of a flattened bucket; pickled as SGLang's class of this name."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-FlattenedTensorMetadata.__module__ = SGLANG_BUCKET_MODULE
-
-_lend_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _sglang_module_lent():
-    """Makes SGLang's bucket module name resolve to ours while a payload is pickled.
-
-    pickle stores a class by module + name and checks that importing them gives the class
-    back; without SGLang installed (the usual trainer image) the module name is lent for the
-    duration of the dump only. With SGLang imported, its own class is used (see
-    :func:`bucket_payload`).
-    """
-    with _lend_lock:
-        if SGLANG_BUCKET_MODULE in sys.modules:
-            yield
-            return
-        # pickle imports the name without a fromlist, so the parent packages must resolve too.
-        parts = SGLANG_BUCKET_MODULE.split(".")
-        lent = {}
-        for i in range(1, len(parts) + 1):
-            name = ".".join(parts[:i])
-            if name not in sys.modules:
-                lent[name] = sys.modules[name] = types.ModuleType(name)
-                lent[name].__path__ = []
-            if i > 1:
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], sys.modules[name])
-        sys.modules[SGLANG_BUCKET_MODULE].FlattenedTensorMetadata = FlattenedTensorMetadata
-        try:
-            yield
-        finally:
-            for name, module in lent.items():
-                if sys.modules.get(name) is module:
-                    del sys.modules[name]
-
-
 def _device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
-
-
-def _reduce_cuda_tensor_by_uuid(tensor: torch.Tensor):
-    """torch's CUDA-IPC reduction with the device index replaced by the GPU's UUID (as SGLang's
-    patched ``reduce_tensor``), without patching torch for the rest of the process."""
-    from torch.multiprocessing import reductions
-
-    rebuild, args = reductions.reduce_tensor(tensor)
-    if isinstance(args[_DEVICE_ARG], int):
-        args = (*args[:_DEVICE_ARG], _device_uuid(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
-    return rebuild, args
-
-
-def dumps_ipc_payload(obj: Any) -> str:
-    """``MultiprocessingSerializer.serialize(obj, output_str=True)`` as SGLang's patched torch
-    would write it: CUDA tensors become IPC handles tagged with their GPU's UUID."""
-    from multiprocessing.reduction import ForkingPickler
-
-    buf = io.BytesIO()
-    pickler = ForkingPickler(buf)
-    pickler.dispatch_table[torch.Tensor] = _reduce_cuda_tensor_by_uuid
-    with _sglang_module_lent():
-        pickler.dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def bucket_payload(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> dict[str, Any]:
-    """The object SGLang's ``_update_weights_from_flattened_bucket`` expects for a bucket."""
-    real = sys.modules.get(SGLANG_BUCKET_MODULE)
-    cls = real.FlattenedTensorMetadata if real is not None else FlattenedTensorMetadata
-    return {"flattened_tensor": flat,
-            "metadata": [cls(name=m.name, shape=torch.Size(m.shape), dtype=m.dtype,
-                             start_idx=m.start, end_idx=m.end, numel=m.end - m.start)
-                         for m in metas]}
-
-
-def serialize_ipc_bucket(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> str:
-    """One ``serialized_named_tensors`` entry for ``load_format="flattened_bucket"``.
-
-    ``flat`` (from :func:`flatten_bucket`) must be a CUDA tensor and must stay alive, unchanged,
-    until the server has answered: the server maps its memory, it gets no copy.
-    """
-    if not flat.is_cuda:
-        raise ValueError(f"a CUDA-IPC bucket must live on a CUDA device, got {flat.device}")
-    if flat.dtype != torch.uint8 or flat.dim() != 1:
-        raise ValueError("a flattened bucket is a 1-D uint8 tensor (see flatten_bucket)")
-    return dumps_ipc_payload(bucket_payload(flat, metas))
 
 
 def _rebuild_cuda_tensor_by_uuid(*args):
