@@ -1,4 +1,4 @@
-"""``maspo-megatron``: train, config, eval, export-hf, demo.
+"""``maspo-megatron``: train, config, plan, eval, export-hf, demo.
 
 ``train`` runs under torchrun; started without it, it starts torchrun itself with as many
 processes as the layout needs (``--nproc-per-node``), so one command works on a laptop and in a
@@ -143,6 +143,18 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from maspo_megatron.megatron.memory import plan_recipe
+
+    module = recipe_module(args.recipe)
+    cfg = apply_overrides(module.build(), args.overrides)
+    title = f"maspo-megatron plan --recipe {' '.join([args.recipe, *args.overrides])}: memory per GPU"
+    plan = plan_recipe(cfg, module, train_gpus=args.train_gpus, rollout_gpus=args.rollout_gpus,
+                       gpu_gib=args.gpu_gb, reserve_gib=args.reserve_gb, title=title)
+    print(plan.format(), flush=True)
+    return 0 if plan.fits else 1
+
+
 def cmd_demo(args) -> int:
     from maspo_megatron.demo import run_demo
 
@@ -168,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied before showing the values (as `train` would)")
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("plan", help="layout checks and per-GPU memory of a recipe, against a GPU size")
+    p.add_argument("--recipe", required=True, help=f"recipe name or .py path ({', '.join(list_recipes())})")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    p.add_argument("--train-gpus", type=int, default=None,
+                   help="training GPUs (default: the recipe's TRAIN_NODES x GPUS_PER_NODE, else tp*pp*cp)")
+    p.add_argument("--rollout-gpus", type=int, default=None,
+                   help="rollout GPUs, 0 to skip SGLang (default: ROLLOUT_NODES x GPUS_PER_NODE, else "
+                        "rollout.num_servers x rollout.sglang_tp)")
+    p.add_argument("--reserve-gb", type=float, default=4.0,
+                   help="per training GPU: CUDA context, NCCL, fragmentation (an estimate; default 4)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for `train`")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("eval", help="Avg@k / Pass@k of a model on a dataset through SGLang servers")
     p.add_argument("overrides", nargs="*", metavar="key=value",
