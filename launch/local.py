@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-port", type=int, default=Ports.router)
     p.add_argument("--master-port", type=int, default=Ports.master)
     p.add_argument("--weight-sync-port", type=int, default=Ports.weight_sync)
+    p.add_argument("--gpu-gb", type=float, default=80.0,
+                   help="GPU memory in GiB: the memory plan must fit it (maspo-megatron plan)")
     p.add_argument("--dry-run", action="store_true", help="print the two commands; run nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args.recipe, args.overrides, train_nodes=1, train_gpus_per_node=args.train_gpus,
                          rollout_nodes=1, rollout_gpus_per_node=args.rollout_gpus,
                          ports=Ports(args.server_port, args.router_port, args.master_port,
-                                     args.weight_sync_port))
+                                     args.weight_sync_port), gpu_gb=args.gpu_gb)
     except ConfigError as e:  # LaunchError, unknown recipe, bad override
         print(f"launch.local: {e}", file=sys.stderr)
         return 2

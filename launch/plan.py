@@ -1,7 +1,8 @@
 """A launch plan: the recipe's config checked against the nodes it will get, before submission.
 
 Everything a user can get wrong on the command line fails here with a message that names the
-flag or config key, instead of minutes later on a cluster.
+flag or config key, instead of minutes later on a cluster; so does a layout whose GPUs cannot hold
+it (``maspo-megatron plan``'s memory plan, :func:`check_memory`), naming the dominant term.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from maspo_megatron.cli import load_recipe
+from maspo_megatron.cli import recipe_module
 from maspo_megatron.config import ConfigError, apply_overrides
 from maspo_megatron.rollout.backend import ServerSpec
 
@@ -77,8 +78,10 @@ def require_positive(flag: str, value) -> None:
 
 def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_nodes: int,
               train_gpus_per_node: int, rollout_nodes: int, rollout_gpus_per_node: int,
-              ports: Ports = Ports()) -> LaunchPlan:
+              ports: Ports = Ports(), gpu_gb: float | None = 80.0) -> LaunchPlan:
     """Loads ``recipe`` with ``overrides`` and checks it fits the nodes; raises LaunchError.
+
+    ``gpu_gb``: GPU memory in GiB; the memory plan (:func:`check_memory`) must fit it (None skips).
 
     A recipe that is not implemented (e.g. the MoE one) raises its NotImplementedError.
     """
@@ -91,7 +94,8 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
         if key in LAUNCHER_KEYS:
             raise LaunchError(f"{key} is set by the launcher from the job's hostnames; remove "
                               f"{item!r} from the overrides")
-    cfg = apply_overrides(load_recipe(recipe), list(overrides))
+    module = recipe_module(recipe)
+    cfg = apply_overrides(module.build(), list(overrides))
     if not cfg.model.path:
         raise LaunchError(f"recipe {recipe}: model.path is empty; pass model.path=/path/to/hf_model "
                           "(a directory the job's nodes can read)")
@@ -119,6 +123,9 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
     if any(p in server_ports for p in taken) or len(set(taken)) < len(taken):
         raise LaunchError(f"ports collide: servers use {server_ports.start}-{server_ports.stop - 1}, "
                           + ", ".join(f"{n} {p}" for n, p in named.items()))
+    if gpu_gb:
+        check_memory(recipe, module, cfg, train_gpus=world, rollout_gpus=rollout_nodes * rollout_gpus_per_node,
+                     gpu_gb=gpu_gb)
     return LaunchPlan(
         recipe=recipe, overrides=tuple(overrides), model_path=cfg.model.path,
         output_dir=cfg.output_dir, train_nodes=train_nodes, train_gpus_per_node=train_gpus_per_node,
@@ -126,6 +133,24 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
         engine=cfg.rollout.engine, server=cfg.rollout.server_spec(cfg.model.path),
         startup_timeout_s=cfg.rollout.startup_timeout_s, ports=ports,
     )
+
+
+def check_memory(recipe: str, module, cfg, *, train_gpus: int, rollout_gpus: int, gpu_gb: float):
+    """``maspo-megatron plan`` for this launch (``maspo_megatron/megatron/memory.py``): raises
+    LaunchError naming each GPU kind that does not fit and its dominant term. Skipped (None)
+    when this machine has no description of the model: ``model.path`` unreadable here and no
+    ``HF_CONFIG`` in the recipe."""
+    from maspo_megatron.megatron.memory import MemoryPlanError, plan_recipe, recipe_model_config
+
+    try:
+        recipe_model_config(cfg, module)
+    except MemoryPlanError:
+        return None
+    memory = plan_recipe(cfg, module, train_gpus=train_gpus, rollout_gpus=rollout_gpus, gpu_gib=gpu_gb)
+    if not memory.fits:
+        raise LaunchError(f"recipe {recipe}: {memory.verdict()} (`maspo-megatron plan --recipe {recipe}` "
+                          "prints every term; --gpu-gb sets the GPU size)")
+    return memory
 
 
 def rollout_args(plan: LaunchPlan, extra: list[str] = ()) -> list[str]:

@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=Ports.master)
     p.add_argument("--weight-sync-port", type=int, default=Ports.weight_sync,
                    help="weight-update rendezvous port on the training nodes (0: the recipe's)")
+    p.add_argument("--gpu-gb", type=float, default=80.0,
+                   help="GPU memory in GiB: the memory plan must fit it (maspo-megatron plan)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                          train_gpus_per_node=args.gpus_per_node, rollout_nodes=args.rollout_nodes,
                          rollout_gpus_per_node=args.rollout_gpus_per_node or args.gpus_per_node,
                          ports=Ports(args.server_port, args.router_port, args.master_port,
-                                     args.weight_sync_port))
+                                     args.weight_sync_port), gpu_gb=args.gpu_gb)
         opts = SlurmOptions(
             job_dir=args.job_dir, account=args.account, partition=args.partition,
             train_image=args.train_image, rollout_image=args.rollout_image, python=args.python,

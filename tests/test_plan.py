@@ -2,7 +2,7 @@
 the megatron model built on the meta device, checked against Hugging Face's own models built from
 the real config.json values below; the optimizer-state bytes against megatron-core's published
 table; the activation formula against Korthikanti et al. 2022; the 70B recipe's plan and the
-refusal of a layout that cannot fit."""
+refusal of a layout that cannot fit (CLI and launcher)."""
 
 from __future__ import annotations
 
@@ -193,6 +193,13 @@ def test_70b_at_tp1_pp1_is_refused_naming_the_dominant_term(capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "does not fit: train rank" in out and "dominant term: gradients (fp32 grad buffer) 262.8 GiB" in out
+    # The launchers refuse it before anything is submitted.
+    from launch.plan import LaunchError, make_plan
+
+    with pytest.raises(LaunchError, match=r"dominant term: gradients \(fp32 grad buffer\)"):
+        make_plan("maspo_llama3_70b_fp8", ["model.path=/nowhere/llama", "data.train_path=/d.parquet",
+                                           "parallel.tp=1", "parallel.pp=1"],
+                  train_nodes=8, train_gpus_per_node=8, rollout_nodes=2, rollout_gpus_per_node=8)
 
 
 def test_smaller_gpu_refuses_the_rollout_side(capsys):
