@@ -71,8 +71,7 @@ class WeightProof:
     def compare(self, ours: torch.Tensor, client, urls: list[str], version) -> dict[str, float]:
         """Rank-0 half: ``ours`` [sequences, length - 1] against every server's log-probs."""
         async def all_scores():
-            return await asyncio.gather(*[
-                asyncio.gather(*[client.score(row.tolist(), url) for row in self.ids]) for url in urls])
+            return await asyncio.gather(*[client.score(self.ids.tolist(), url) for url in urls])
 
         worst = 0.0
         for url, rows in zip(urls, asyncio.run(all_scores())):

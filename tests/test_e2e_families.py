@@ -46,7 +46,10 @@ def step_sync_prove(rank, world_size, model_dir, url):
     proof = WeightProof(ProofConfig(), actor.spec.vocab_size, actor.dp_size, atol=1e-4)
     result = proof.check(actor, RolloutClient([url]), [url], 1)
     publisher.close()
-    trained, _ = actor.compute_logprobs(batch, temperature=1.0)
+    every = torch.ones_like(mask)
+    every[:, 0] = False  # every token but the first, which nothing predicts
+    trained, _ = actor.compute_logprobs(
+        SequenceBatch(input_ids=ids, lengths=batch.lengths, response_mask=every), temperature=1.0)
     exported = {k: v.clone() for k, v in export_hf(actor.model)}
     destroy_parallel()
     return {"proof": result, "trained": trained[0, 1:], "exported": exported}

@@ -31,7 +31,7 @@ def _server_logprobs(urls):
     from maspo_megatron.rollout.client import RolloutClient
 
     client = RolloutClient(urls)
-    return [asyncio.run(client.score(PROMPT + COMPLETION, u))[len(PROMPT) - 1:] for u in urls]
+    return [asyncio.run(client.score([PROMPT + COMPLETION], u))[0][len(PROMPT) - 1:] for u in urls]
 
 
 def _corrupting(export, corrupt: str | None, heads: int):

@@ -133,7 +133,7 @@ def model_dir(tmp_path_factory):
 def _score(url):
     from maspo_megatron.rollout.client import RolloutClient
 
-    lp = asyncio.run(RolloutClient([url]).score(PROMPT + COMPLETION, url))
+    (lp,) = asyncio.run(RolloutClient([url]).score([PROMPT + COMPLETION], url))
     return torch.tensor(lp[len(PROMPT) - 1:])
 
 

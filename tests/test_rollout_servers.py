@@ -55,7 +55,7 @@ def _score_all(cluster, prompt=PROMPT, completion=COMPLETION):
     urls = cluster["servers"].urls + [cluster["router"].url]
     client = RolloutClient(urls)
     ids = list(prompt) + list(completion)
-    return {u: asyncio.run(client.score(ids, u))[len(prompt) - 1:] for u in urls}
+    return {u: asyncio.run(client.score([ids], u))[0][len(prompt) - 1:] for u in urls}
 
 
 def test_generate_logprobs_match_hf_reference(cluster):

@@ -216,15 +216,16 @@ class RolloutBackend(abc.ABC):
     def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams) -> dict: ...
 
     @abc.abstractmethod
-    def score_request(self, input_ids: Sequence[int]) -> dict:
-        """A request for the engine's untempered log-prob of every token after the first."""
+    def score_request(self, sequences: Sequence[Sequence[int]]) -> dict:
+        """One request for the engine's untempered log-prob of every token after the first, of
+        every sequence (a single prefill batch: the probe of every weight sync's proof)."""
 
     @abc.abstractmethod
     def parse_generate(self, body: Any, expected: int, want_logprobs: bool) -> list[GenerateOutput]: ...
 
     @abc.abstractmethod
-    def parse_score(self, body: Any, n_tokens: int) -> list[float]:
-        """``n_tokens - 1`` log-probs of tokens 1.. of a :meth:`score_request`."""
+    def parse_score(self, body: Any, lengths: Sequence[int]) -> list[list[float]]:
+        """Per sequence of a :meth:`score_request`, the ``length - 1`` log-probs of tokens 1.."""
 
     @abc.abstractmethod
     def error_message(self, status: int, text: str) -> str:

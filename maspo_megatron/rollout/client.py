@@ -47,6 +47,17 @@ class RolloutClientConfig:
     down_cooldown_s: float = 5.0  # skip a server this long after a connection-level failure
     progress_interval_s: float = 30.0  # seconds between progress log lines
 
+    def __post_init__(self):
+        for key in ("max_concurrency", "max_attempts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rollout.client.{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("request_timeout_s", "connect_timeout_s", "progress_interval_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"rollout.client.{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("backoff_initial_s", "backoff_max_s", "down_cooldown_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"rollout.client.{key} must be >= 0, got {getattr(self, key)!r}")
+
 
 @dataclass(frozen=True)
 class RolloutRequest:
@@ -248,18 +259,19 @@ class RolloutClient:
             raise RolloutError(f"{what}: token ids {bad[:5]} are outside the model's vocabulary "
                                f"[0, {self.vocab_size}) (the server would crash on them)")
 
-    async def score(self, input_ids: Sequence[int], url: str) -> list[float]:
-        """The server's untempered log-prob of every token after the first (``len - 1`` values),
-        computed in one forward pass: the probe of the weight-sync proof."""
-        self.check_ids(input_ids, f"score request to {url}")
+    async def score(self, sequences: Sequence[Sequence[int]], url: str) -> list[list[float]]:
+        """Per sequence, the server's untempered log-prob of every token after the first
+        (``len - 1`` values), all in one prefill batch: the probe of the weight-sync proof."""
+        for i, ids in enumerate(sequences):
+            self.check_ids(ids, f"score request to {url}, sequence {i}")
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s,
                                         sock_connect=self.config.connect_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             try:
-                body = await self._post(session, url.rstrip("/"), self.backend.score_request(input_ids))
+                body = await self._post(session, url.rstrip("/"), self.backend.score_request(sequences))
             except _Retryable as e:
                 raise RolloutError(str(e)) from e
         try:
-            return self.backend.parse_score(body, len(input_ids))
+            return self.backend.parse_score(body, [len(s) for s in sequences])
         except ProtocolError as e:
             raise RolloutError(f"{url}: {e}") from e

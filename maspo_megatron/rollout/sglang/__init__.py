@@ -151,24 +151,24 @@ class SGLangBackend(RolloutBackend):
         return {"input_ids": list(input_ids), "sampling_params": wire.sampling_json(sampling),
                 "return_logprob": True}
 
-    def score_request(self, input_ids: Sequence[int]) -> dict:
-        # max_new_tokens=0 would be cleanest, but the logprob of the last prompt position is
-        # then all that is computed; one new token (greedy) costs nothing at probe sizes.
-        return {"input_ids": list(input_ids),
-                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+    def score_request(self, sequences: Sequence[Sequence[int]]) -> dict:
+        # A batch of prompts with no new token: one prefill, every prompt log-prob returned.
+        return {"input_ids": [list(s) for s in sequences], "sampling_params": {"max_new_tokens": 0},
                 "return_logprob": True, "logprob_start_len": 0}
 
     def parse_generate(self, body, expected: int, want_logprobs: bool):
         return wire.parse_generate_response(body, expected, want_logprobs)
 
-    def parse_score(self, body, n_tokens: int) -> list[float]:
-        out = wire.parse_generate_response(body, 1, True)[0]
-        values = out.input_logprobs or []
-        if len(values) != n_tokens:
-            raise wire.ProtocolError(f"{len(values)} input_token_logprobs for {n_tokens} prompt tokens")
-        if values[0] is not None or any(v is None for v in values[1:]):
-            raise wire.ProtocolError("input_token_logprobs: expected None only at position 0")
-        return [float(v) for v in values[1:]]
+    def parse_score(self, body, lengths: Sequence[int]) -> list[list[float]]:
+        out = []
+        for i, (o, n) in enumerate(zip(wire.parse_generate_response(body, len(lengths), True), lengths)):
+            values = o.input_logprobs or []
+            if len(values) != n:
+                raise wire.ProtocolError(f"sequence {i}: {len(values)} input_token_logprobs for {n} tokens")
+            if values[0] is not None or any(v is None for v in values[1:]):
+                raise wire.ProtocolError(f"sequence {i}: input_token_logprobs: expected None only at position 0")
+            out.append([float(v) for v in values[1:]])
+        return out
 
     def error_message(self, status: int, text: str) -> str:
         return wire.error_message(status, text)
