@@ -112,6 +112,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# Also how long a requeued job waits before it may start again (Slurm's default: 120 s).
+AuthInfo=cred_expire=30
 StateSaveLocation=$d/state
 SlurmdSpoolDir=$d/spool/%n
 SlurmctldPidFile=$d/run/slurmctld.pid
