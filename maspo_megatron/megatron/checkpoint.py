@@ -12,6 +12,13 @@ A save writes everything into the ``.incomplete`` directory, renames it to ``ite
 then replaces ``latest`` (write-to-temp + ``os.replace``): a crash at any point leaves the
 previous checkpoint and ``latest`` intact.
 
+Loading the newest checkpoint (``step=None``) checks it first (:func:`checkpoint_problem`: its
+JSON files parse, dist-checkpointing's index ``.metadata`` reads, and every data file is as long
+as the index says) and, if it is truncated or corrupt -- or its load fails on the way -- names
+the file and step and falls back to the newest complete one at or below ``latest``
+(:func:`find_checkpoint`), saying so. Content damage that keeps every size is found only where
+the load itself fails (a pickled object); tensor bytes carry no checksum.
+
 What is stored:
 
 - model: ``chunk.sharded_state_dict()`` of every model chunk (``model`` or ``model0``,
@@ -52,6 +59,7 @@ import queue
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,10 +71,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OPTIMIZER_SHARDINGS",
+    "CheckpointChoice",
     "CheckpointError",
+    "checkpoint_problem",
+    "find_checkpoint",
+    "has_checkpoint",
     "iteration_dir",
     "latest_checkpoint_step",
     "load_checkpoint",
+    "read_trainer_state",
     "save_checkpoint",
 ]
 
@@ -102,18 +115,19 @@ def latest_checkpoint_step(ckpt_dir: str | os.PathLike) -> int | None:
     return int(text)
 
 
-def vocab_multiple_for(ckpt_dir: str | os.PathLike, tp: int) -> int:
-    """The ``make_vocab_size_divisible_by`` that rebuilds the newest checkpoint's padded
-    vocabulary at tensor-parallel size ``tp``.
+def vocab_multiple_for(ckpt_dir: str | os.PathLike, tp: int, step: int | None = None) -> int:
+    """The ``make_vocab_size_divisible_by`` that rebuilds a checkpoint's padded vocabulary at
+    tensor-parallel size ``tp`` (``step``; None: the newest complete one, as ``load_checkpoint``).
 
     Megatron pads the vocabulary to a multiple of ``divisible_by * tp``, so the padded size
     depends on the saving layout; loading at another TP must reproduce the saved size.
     """
     from megatron.core import dist_checkpointing
 
-    step = latest_checkpoint_step(ckpt_dir)
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no '{TRACKER_FILE}' file)")
+        step = find_checkpoint(ckpt_dir).step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
     meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir(ckpt_dir, step)))
     padded = meta["embedding.word_embeddings.weight"].global_shape[0]
     if padded % tp:
@@ -122,9 +136,94 @@ def vocab_multiple_for(ckpt_dir: str | os.PathLike, tp: int) -> int:
 
 
 def _available_steps(ckpt_dir: Path) -> list[int]:
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _ITER_RE.match(p.name)))
+
+
+def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    """Something was saved in ``ckpt_dir``: a tracker file or an ``iter_*`` directory (complete
+    or not; :func:`find_checkpoint` tells which one loads)."""
+    return (Path(ckpt_dir) / TRACKER_FILE).is_file() or bool(_available_steps(Path(ckpt_dir)))
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be loaded, naming the file; None if it looks
+    complete.
+
+    Reads only small files and sizes: ``trainer_state.json`` and megatron's ``metadata.json``
+    parse, the dist-checkpointing index ``.metadata`` unpickles, and every data file it points
+    into exists and is at least as long as the index says (a truncated file is shorter).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist"
+    try:
+        read_trainer_state(path)
+    except CheckpointError as e:
+        return str(e)
+    config = path / "metadata.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        return f"{config} cannot be read ({type(e).__name__}: {e})"
+    index = path / ".metadata"
+    if not index.is_file():
+        return f"{index} is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        needed: dict[str, int] = {}
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # noqa: BLE001 - any unreadable index is a corrupt checkpoint
+        return f"{index} cannot be read ({type(e).__name__}: {e})"
+    for name, end in sorted(needed.items()):
+        data = path / name
+        if not data.is_file():
+            return f"{data} is missing (the index {index.name} points into it)"
+        size = data.stat().st_size
+        if size < end:
+            return f"{data} is truncated: {size} bytes, the index {index.name} needs {end}"
+    return None
+
+
+@dataclass
+class CheckpointChoice:
+    """What :func:`find_checkpoint` chose: the step to load (None: nothing loadable) and, for
+    every newer checkpoint passed over, why (one sentence naming the step and the file)."""
+
+    step: int | None
+    skipped: list[str] = field(default_factory=list)
+
+
+def find_checkpoint(ckpt_dir: str | os.PathLike, below: int | None = None) -> CheckpointChoice:
+    """The newest complete checkpoint of ``ckpt_dir`` at or below ``latest`` (or below ``below``).
+
+    ``latest`` is written last by a save, so steps above it are never taken; if the tracker
+    itself is unreadable, every ``iter_*`` directory is a candidate. Touches only the files
+    :func:`checkpoint_problem` reads; no collective.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    skipped: list[str] = []
+    try:
+        top = latest_checkpoint_step(ckpt_dir)
+    except (ValueError, OSError) as e:
+        top = None
+        skipped.append(f"{e}; looking at every iter_* directory instead")
+    steps = _available_steps(ckpt_dir)
+    candidates = sorted({*[s for s in steps if top is None or s <= top], *([top] if top is not None else [])},
+                        reverse=True)
+    if below is not None:
+        candidates = [s for s in candidates if s < below]
+    for step in candidates:
+        problem = checkpoint_problem(iteration_dir(ckpt_dir, step))
+        if problem is None:
+            return CheckpointChoice(step, skipped)
+        skipped.append(f"checkpoint step {step} is incomplete or corrupt: {problem}")
+    return CheckpointChoice(None, skipped)
 
 
 def _non_json_path(value: Any, path: str = "extra_state") -> str | None:
@@ -442,7 +541,9 @@ def save_checkpoint(
     return final
 
 
-def _read_trainer_state(path: Path) -> dict:
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of the checkpoint directory ``path`` (step, extra_state, layout)."""
+    path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(
@@ -450,8 +551,10 @@ def _read_trainer_state(path: Path) -> dict:
         )
     try:
         state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{state_file} is not valid JSON: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} is not a JSON object")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{state_file}: format_version {state.get('format_version')!r} is not supported "
@@ -520,35 +623,96 @@ def load_checkpoint(
         optimizer: optimizer to restore, or None to load weights only (a megatron optimizer's
             own fp32 copies then need ``optimizer.reload_model_params()``).
         opt_param_scheduler: scheduler to restore, or None.
-        step: the step to load; None loads the one named by ``ckpt_dir/latest``.
+        step: the step to load; None loads the newest complete checkpoint: the one named by
+            ``ckpt_dir/latest`` or, when that one is truncated or corrupt (or its load fails),
+            the next older complete one -- each checkpoint passed over is logged (rank 0)
+            naming its step and file, and listed in ``skipped``.
 
     Returns:
-        ``{"step", "extra_state", "rng_restored", "saved_layout"}``.
+        ``{"step", "extra_state", "rng_restored", "saved_layout", "skipped"}``.
 
     Raises:
         FileNotFoundError: no such directory, nothing saved there (no ``latest``), no such step.
         CheckpointError: the checkpoint does not match the model/optimizer (names the tensor),
-            or lacks the optimizer/scheduler state asked for.
+            lacks the optimizer/scheduler state asked for, or is truncated/corrupt (an explicit
+            ``step``; with ``step=None``: every checkpoint is).
     """
-    from megatron.core import dist_checkpointing
-
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
-    if step is None:
-        step = latest_checkpoint_step(ckpt_dir)
-        if step is None:
-            incomplete = sorted(p.name for p in ckpt_dir.glob(".iter_*.incomplete"))
-            hint = f" (unfinished saves: {', '.join(incomplete)})" if incomplete else ""
-            raise FileNotFoundError(
-                f"no complete checkpoint in {ckpt_dir}: its tracker file '{TRACKER_FILE}' is missing{hint}"
-            )
+    args = (model_chunks, optimizer, opt_param_scheduler)
+    if step is not None:
+        return _load_step(ckpt_dir, step, *args, skipped=[])
+    if not has_checkpoint(ckpt_dir):
+        incomplete = sorted(p.name for p in ckpt_dir.glob(".iter_*.incomplete"))
+        hint = f" (unfinished saves: {', '.join(incomplete)})" if incomplete else ""
+        raise FileNotFoundError(
+            f"no complete checkpoint in {ckpt_dir}: its tracker file '{TRACKER_FILE}' is missing{hint}"
+        )
+    skipped: list[str] = []  # every checkpoint passed over, for the caller
+    unread: list[str] = []  # ... of them, those whose load failed (not yet reported)
+    below = None
+    while True:
+        # Rank 0 looks (one view of a shared filesystem); every rank loads what it chose.
+        choice = _from_rank0(lambda: find_checkpoint(ckpt_dir, below))
+        skipped += choice.skipped
+        if choice.step is None:
+            raise CheckpointError(f"no complete checkpoint in {ckpt_dir}: " + "; ".join(skipped))
+        if _rank() == 0:
+            for reason in unread + choice.skipped:
+                logger.warning("%s; falling back to step %d, the newest complete checkpoint", reason, choice.step)
+        unread = []
+        try:
+            return _load_step(ckpt_dir, choice.step, *args, skipped=skipped)
+        except _UnreadableCheckpoint as e:
+            skipped.append(str(e))
+            unread.append(str(e))
+            below = choice.step
+
+
+class _UnreadableCheckpoint(CheckpointError):
+    """dist-checkpointing failed to read a checkpoint that looked complete (on some rank)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _from_rank0(fn):
+    """``fn()`` on global rank 0, its result on every rank (plain call without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_error_text(e: BaseException) -> str:
+    """One line for a failed read; torch's CheckpointException carries each rank's exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, pair = next(iter(sorted(failures.items())))
+        exc = pair[0] if isinstance(pair, tuple) else pair
+        text = f"rank {rank}: {type(exc).__name__}: {exc}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())[:500]
+
+
+def _load_step(ckpt_dir: Path, step: int, model_chunks, optimizer, opt_param_scheduler, *,
+               skipped: list[str]) -> dict:
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path = iteration_dir(ckpt_dir, step)
     if not path.is_dir():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist (steps present: {_available_steps(ckpt_dir) or 'none'})"
         )
-    saved = _read_trainer_state(path)
+    problem = _from_rank0(lambda: checkpoint_problem(path))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint step {step} is incomplete or corrupt: {problem}")
+    saved = read_trainer_state(path)
     chunks = _as_chunks(model_chunks)
     layout = _layout()
     if optimizer is not None and not saved["has_optimizer"]:
@@ -570,7 +734,18 @@ def load_checkpoint(
         rng=None if same_rng_layout else False,
     )
     _check_tensors(path, state, _model_keys(len(chunks)))
-    loaded = dist_checkpointing.load(state, str(path))
+    error = None
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        error = _load_error_text(e)
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)  # all ranks agree before anyone moves on
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise _UnreadableCheckpoint(f"checkpoint step {step} ({path}) could not be read: {first}")
 
     # no_grad: with fp32 params the distributed optimizer's main-param shards are views of the
     # (grad-requiring) model params, which megatron's load_state_dict copies into in place.
@@ -606,4 +781,5 @@ def load_checkpoint(
         "extra_state": saved["extra_state"],
         "rng_restored": same_rng_layout,
         "saved_layout": saved["layout"],
+        "skipped": list(skipped),
     }
