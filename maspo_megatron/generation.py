@@ -71,6 +71,10 @@ class RolloutGroup:
     finish: list[str]
     rewards: list[float]
     correct: list[bool]
+    errors: list[str | None] = field(default_factory=list)
+    """Per sample: the reward function's error (its traceback) when it raised or its worker died."""
+    timeouts: list[bool] = field(default_factory=list)
+    """Per sample: the reward function ran past ``reward.timeout_s`` (the reward is then 0)."""
 
 
 class RolloutEngine:
@@ -144,6 +148,7 @@ class RolloutEngine:
                 outputs=[s.output_ids for s in chunk], logprobs=[s.logprobs for s in chunk],
                 finish=[s.finish_reason for s in chunk],
                 rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
+                errors=[r.error for r in res], timeouts=[r.timeout for r in res],
             ))
         return groups
 
@@ -170,7 +175,35 @@ def rollout_stats(groups: list[RolloutGroup]) -> dict[str, float]:
         "response/length_mean": float(np.mean(lengths)),
         "response/length_max": float(np.max(lengths)),
         "response/truncated_frac": float(np.mean([f == "length" for g in groups for f in g.finish])),
+        # Samples the reward function could not score (they count as reward 0).
+        "reward/error_rate": sum(bool(e) for g in groups for e in g.errors) / len(rewards),
+        "reward/timeout_rate": sum(bool(t) for g in groups for t in g.timeouts) / len(rewards),
     }
+
+
+class RewardFailure(RuntimeError):
+    """Too many samples of a step could not be scored (``reward.max_error_rate``)."""
+
+
+def check_reward_failures(groups: list[RolloutGroup], reward_cfg, step: int) -> str | None:
+    """Stops the run when more than ``reward.max_error_rate`` of the samples of ``groups`` (one
+    step) could not be scored: raises :class:`RewardFailure` with the counts and the first error's
+    traceback. Below the limit, a one-line summary when any failed (else None)."""
+    total = sum(len(g.rewards) for g in groups)
+    errors = [e for g in groups for e in g.errors if e]
+    timeouts = sum(bool(t) for g in groups for t in g.timeouts)
+    failed = len(errors) + timeouts
+    if not total or not failed:
+        return None
+    summary = (f"step {step}: reward.fn={reward_cfg.fn!r} could not score {failed}/{total} samples "
+               f"({len(errors)} raised, {timeouts} ran past reward.timeout_s={reward_cfg.timeout_s:g}); "
+               "they count as reward 0")
+    if failed / total > reward_cfg.max_error_rate:
+        first = errors[0] if errors else (f"no traceback: every failing sample ran past reward.timeout_s="
+                                          f"{reward_cfg.timeout_s:g}s (raise it, or make the function faster)")
+        raise RewardFailure(f"{summary}, over reward.max_error_rate={reward_cfg.max_error_rate:g}: stopping. "
+                            f"First error:\n{first}")
+    return summary
 
 
 def _progress_bar(label: str):

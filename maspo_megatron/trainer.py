@@ -36,7 +36,13 @@ from maspo_megatron.megatron.checkpoint import (
     vocab_multiple_for,
 )
 from maspo_megatron.reward import RewardConfig
-from maspo_megatron.generation import RolloutConfig, RolloutEngine, RolloutGroup, rollout_stats
+from maspo_megatron.generation import (
+    RolloutConfig,
+    RolloutEngine,
+    RolloutGroup,
+    check_reward_failures,
+    rollout_stats,
+)
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig, device
 from maspo_megatron.weight_publisher import WeightProof, WeightPublisher
@@ -393,6 +399,7 @@ class Trainer:
             groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000)
             rounds += 1
             seen += groups
+            check_reward_failures(groups, cfg.reward, step + 1)  # raises over reward.max_error_rate
             if alg.dynamic_sampling:
                 keep = dynamic_sampling_keep(torch.tensor([g.rewards for g in groups]))
                 kept += [g for g, k in zip(groups, keep.tolist()) if k]
@@ -402,6 +409,9 @@ class Trainer:
                 break
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
                 "sampling/groups_seen": len(seen)}
+        failures = check_reward_failures(seen, cfg.reward, step + 1)
+        if failures:
+            print(failures, flush=True)
         if len(kept) < cfg.prompts_per_step:
             print(f"step {step + 1}: dynamic sampling found {len(kept)}/{cfg.prompts_per_step} prompts whose "
                   f"{n} responses disagree in reward after {rounds} rounds (algorithm.max_sampling_rounds); "

@@ -26,15 +26,22 @@ from __future__ import annotations
 import functools
 import logging
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
 from .registry import RewardResult, register_reward
 
 __all__ = ["extract_last_boxed", "math_reward"]
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-# Boxed-first extraction: the text we hand over is always "\boxed{<answer>}".
-_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+
+
+@functools.cache
+def _math_verify():
+    """math-verify, imported on first use: it pulls in sympy (seconds), which every command that
+    merely loads a recipe (``config``, the pre-flight checks of ``train``) would pay otherwise."""
+    import math_verify
+
+    # Boxed-first extraction: the text we hand over is always "\boxed{<answer>}".
+    extraction = (math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig())
+    return math_verify, extraction
 
 
 class _DropDisabledTimeoutWarning(logging.Filter):
@@ -84,7 +91,8 @@ def extract_last_boxed(text: str) -> str | None:
 
 
 def _parse_boxed(content: str) -> list:
-    return parse("\\boxed{" + content + "}", extraction_config=_EXTRACTION, parsing_timeout=None)
+    math_verify, extraction = _math_verify()
+    return math_verify.parse("\\boxed{" + content + "}", extraction_config=extraction, parsing_timeout=None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -106,5 +114,10 @@ def math_reward(response: str, answer: str) -> RewardResult:
             reward=0.0, error=f"reference answer {answer!r} could not be parsed", extracted=extracted
         )
     pred = _parse_boxed(extracted)
-    correct = verify(list(gold), pred, timeout_seconds=None)
+    correct = _math_verify()[0].verify(list(gold), pred, timeout_seconds=None)
     return RewardResult(reward=1.0 if correct else 0.0, extracted=extracted)
+
+
+# RewardPool calls this once per worker (and inline pool) before the first sample, outside the
+# per-sample time limit: an import interrupted by the alarm would leave sympy half-imported.
+math_reward.prepare = _math_verify

@@ -12,6 +12,10 @@ Two layers bound the time a sample may take, so a hanging verifier cannot stall 
 
 ``num_workers=0`` scores inline in the calling process: only the soft limit applies, and only when
 called from the main thread (a warning says so otherwise).
+
+A reward function may carry a ``prepare`` attribute (a function of no arguments): it is called
+once per worker process (or once by an inline pool) before the first sample, outside the time
+limit -- the place for slow imports, which an alarm must not interrupt half-way.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import threading
@@ -41,13 +46,17 @@ _READY = "ready"
 class RewardConfig:
     """How rewards are computed.
 
-    fn:                registered reward function name ("math", "synthetic", or your own).
+    fn:                the reward function: a registered name ("math", "synthetic") or your own
+                       as "module:function" (an importable module, e.g. "my_rewards:exact").
     num_workers:       worker processes; 0 scores inline in the caller (no hard limit).
     timeout_s:         per-sample soft time limit; a sample over it gets reward 0, ``timeout=True``.
     kill_grace_s:      extra time after ``timeout_s`` before the worker is killed and replaced.
     start_method:      multiprocessing start method; "spawn" (default) because forking a trainer
                        that holds torch/NCCL/gloo threads is unsafe.
     startup_timeout_s: how long a new worker may take to import the reward function's module.
+    max_error_rate:    stop the run when more than this fraction of a step's samples could not be
+                       scored (the function raised, its worker died, or it ran past ``timeout_s``),
+                       showing the first traceback; 1.0 never stops.
     """
 
     fn: str = "math"
@@ -56,6 +65,28 @@ class RewardConfig:
     kill_grace_s: float = 2.0
     start_method: str = "spawn"
     startup_timeout_s: float = 120.0
+    max_error_rate: float = 0.25
+
+    def __post_init__(self):
+        if not isinstance(self.fn, str) or not self.fn.strip():
+            raise ValueError(f"reward.fn must name a reward function ('math' or 'module:function'), got {self.fn!r}")
+        if ":" in self.fn:
+            module, _, name = self.fn.partition(":")
+            if not module or not name.isidentifier():
+                raise ValueError(f"reward.fn={self.fn!r}: expected 'module:function', e.g. 'my_rewards:exact'")
+        if self.num_workers < 0:
+            raise ValueError(f"reward.num_workers must be >= 0 (0: inline), got {self.num_workers}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        if self.kill_grace_s < 0:
+            raise ValueError(f"reward.kill_grace_s must be >= 0, got {self.kill_grace_s}")
+        if self.start_method not in mp.get_all_start_methods():
+            raise ValueError(f"reward.start_method must be one of {mp.get_all_start_methods()}, "
+                             f"got {self.start_method!r}")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"reward.startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"reward.max_error_rate must lie in [0, 1], got {self.max_error_rate}")
 
 
 class _SoftTimeout(BaseException):
@@ -102,9 +133,30 @@ def score_with_time_limit(fn: RewardFn, fn_name: str, response: str, answer: str
                 signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - started), 1e-6), interval)
 
 
-def _worker_loop(conn, fn: RewardFn, fn_name: str, timeout_s: float) -> None:
+def _prepare(fn: RewardFn) -> None:
+    prepare = getattr(fn, "prepare", None)
+    if callable(prepare):
+        prepare()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the process that started it dies, even by SIGKILL (a
+    worker stuck in a verifier would not notice its pipe closing)."""
+    import sys
+
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def _worker_loop(conn, fn: RewardFn, fn_name: str, timeout_s: float, parent_pid: int | None = None) -> None:
+    _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        return  # the parent died before the line above
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _prepare(fn)
     conn.send(_READY)
     while True:
         try:
@@ -156,9 +208,10 @@ class RewardPool:
         self.kill_grace_s = float(kill_grace_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self.num_restarts = 0  # workers killed for overrunning (a metric worth logging)
-        self._warned_error = False
+        self._warned_error = self._warned_timeout = False
         self._workers: list[_Worker] = []
         if num_workers == 0:
+            _prepare(self.fn)
             return
         try:
             pickle.dumps(self.fn)
@@ -185,7 +238,7 @@ class RewardPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_worker_loop,
-            args=(child_conn, self.fn, self.fn_name, self.timeout_s),
+            args=(child_conn, self.fn, self.fn_name, self.timeout_s, os.getpid()),
             name=f"reward-{self.fn_name}",
             daemon=True,
         )
@@ -285,13 +338,18 @@ class RewardPool:
         self._replace(slot)
 
     def _warn_first_error(self, results: list[RewardResult]) -> None:
-        if self._warned_error:
-            return
-        for result in results:
-            if result.error:
-                logger.warning("reward %r reported an error (shown once): %s", self.fn_name, result.error)
-                self._warned_error = True
-                return
+        # Once each per pool; every step's rates are in the metrics (reward/error_rate,
+        # reward/timeout_rate), and reward.max_error_rate stops a run that cannot be scored.
+        if not self._warned_error:
+            for result in results:
+                if result.error:
+                    logger.warning("reward %r reported an error (shown once): %s", self.fn_name, result.error)
+                    self._warned_error = True
+                    break
+        if not self._warned_timeout and any(r.timeout for r in results):
+            logger.warning("reward %r: a sample ran past timeout_s=%.1fs and scored 0 (shown once)",
+                           self.fn_name, self.timeout_s)
+            self._warned_timeout = True
 
     def close(self) -> None:
         """Stop the workers (politely, then by force)."""

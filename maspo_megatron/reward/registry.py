@@ -4,10 +4,17 @@ A reward function has the signature ``fn(response: str, answer: str) -> RewardRe
 ``response`` is the decoded model output, ``answer`` the dataset's reference answer. It must be a
 module-level function (pickled by reference) so that ``RewardPool`` worker processes can import it;
 its module is imported again in every worker, which re-runs the ``@register_reward`` decorator there.
+
+``get_reward`` takes a registered name (``"math"``) or ``"module:function"``: the module is
+imported (from ``sys.path``, else from the working directory) and the function taken from it, no
+registration needed (``reward.fn=my_rewards:exact``).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -66,15 +73,44 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
-    """The reward function registered under ``name``."""
+    """The reward function registered under ``name``, or ``"module:function"`` imported."""
+    if ":" in name:
+        return _import_reward(name)
     try:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(
             f"unknown reward function {name!r}; registered: {', '.join(list_rewards()) or '(none)'}. "
-            "Custom functions must be registered with @register_reward(name) in a module imported "
-            "before the trainer starts."
+            "Give your own as 'module:function' (an importable module), or register it with "
+            "@register_reward(name) in a module imported before the trainer starts."
         ) from None
+
+
+def _import_reward(spec: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise KeyError(f"reward function {spec!r}: expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module_name.split(".")[0] or cwd in sys.path:
+            raise KeyError(f"reward function {spec!r}: cannot import module {module_name!r} ({e})") from None
+        # ``maspo-megatron`` (a console script) does not put the working directory on sys.path,
+        # ``python -m`` (torchrun's ranks, spawned workers) does: the same module either way.
+        sys.path.append(cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e2:
+            raise KeyError(f"reward function {spec!r}: cannot import module {module_name!r} ({e2}); "
+                           "it must be on PYTHONPATH or in the working directory") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise KeyError(f"reward function {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+                       f"has no attribute {attr!r}")
+    if not callable(fn):
+        raise KeyError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def list_rewards() -> list[str]:
