@@ -51,7 +51,7 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+def _relaunch_with_torchrun(nproc: int, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
     import subprocess
 
     from maspo_megatron.rollout.servers import free_port
@@ -63,6 +63,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     if nproc > 1:
         # What torchrun itself sets for more than one process, minus its four-line banner saying so.
         env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra_env or {})
     return subprocess.call(cmd, env=env)
 
 
@@ -76,22 +77,20 @@ def _default_nproc(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
-    # Checked here, before torchrun, so the message is not buried under every rank's traceback.
-    for key, path in (("model.path", cfg.model.path), ("data.train_path", cfg.data.train_path)):
-        if not path:
-            raise ConfigError(f"{key} must be set (recipe {args.recipe!r} leaves it empty)")
-        if not os.path.exists(path):
-            raise ConfigError(f"{key}={path!r} does not exist")
-    if cfg.model.fp8:
-        from maspo_megatron.megatron.model import te_available
+    from maspo_megatron.preflight import PREFLIGHT_DONE_ENV, run_preflight
 
-        if not te_available():
-            raise ConfigError(f"model.fp8={cfg.model.fp8!r} needs Transformer Engine on a CUDA device, which this "
-                              "machine lacks (use the NGC PyTorch/NeMo container, or set model.fp8=none)")
-    if not _under_torchrun():
-        nproc = args.nproc_per_node or _default_nproc(cfg)
-        return _relaunch_with_torchrun(nproc, ["train", "--recipe", args.recipe, *args.overrides])
+    cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
+    under = _under_torchrun()
+    nproc = int(os.environ["WORLD_SIZE"]) if under else (args.nproc_per_node or _default_nproc(cfg))
+    # Checked here, before torchrun, so a bad config, model or data file is one line (exit 2),
+    # not a traceback on every rank minutes later. The ranks of our own torchrun skip it.
+    if os.environ.get(PREFLIGHT_DONE_ENV) != "1":
+        for note in run_preflight(cfg, nproc=nproc, recipe=args.recipe):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"maspo-megatron: {note}", file=sys.stderr, flush=True)
+    if not under:
+        return _relaunch_with_torchrun(nproc, ["train", "--recipe", args.recipe, *args.overrides],
+                                       extra_env={PREFLIGHT_DONE_ENV: "1"})
     from maspo_megatron.trainer import train
 
     train(cfg)
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"maspo-megatron: config error: {e}", file=sys.stderr)
+        print(f"maspo-megatron: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

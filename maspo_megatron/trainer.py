@@ -30,7 +30,7 @@ from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
 from maspo_megatron.megatron.checkpoint import (
-    latest_checkpoint_step,
+    has_checkpoint,
     load_checkpoint,
     save_checkpoint,
     vocab_multiple_for,
@@ -137,7 +137,11 @@ class TrainerConfig:
     save_every: int = 50
     """Checkpoint interval in steps (0: only at the end)."""
     resume: bool = True
-    """Continue from the newest checkpoint in ``output_dir/checkpoints`` when there is one."""
+    """Continue from the newest complete checkpoint in ``output_dir/checkpoints`` when there is one
+    (False: start over there; its checkpoints and metrics are replaced as the run goes)."""
+    resume_force: bool = False
+    """Resume even from a checkpoint written for another model path or an incompatible config
+    (data, optimizer groups): the resume guard then only warns; a new data order starts over."""
     eval_every: int = 0
     """Evaluation interval in steps on ``data.eval_path`` (0: never)."""
     eval_samples: int = 4
@@ -165,6 +169,13 @@ class TrainerConfig:
                 "filtering is implemented; train with top_p=1.0 and top_k=-1 (eval may filter)")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        for key in ("save_every", "eval_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0: {'only at the end' if key == 'save_every' else 'never'}), "
+                                 f"got {getattr(self, key)}")
+        for key in ("eval_samples", "eval_prompts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -200,6 +211,16 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def cut(self, step: int) -> None:
+        """Drops the records after ``step`` (all of them at step 0): a resumed run redoes those."""
+        _cut_jsonl(self.path, step)
+        if self.tb is not None:
+            log_dir = self.tb.log_dir
+            self.tb.close()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -207,8 +228,29 @@ class MetricsSink:
             self.wandb.finish()
 
 
-def _console(step: int, total: int, m: dict, elapsed: float) -> None:
-    eta = elapsed / step * (total - step)
+def _cut_jsonl(path: str, step: int) -> None:
+    """Keeps the records of ``path`` up to ``step`` (none at step 0), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if step > 0 and json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short by a kill: dropped
+            pass
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _console(step: int, total: int, m: dict, elapsed: float, steps_here: int) -> None:
+    """One line per step; ``step``/``total`` count the whole run, the ETA this process's pace."""
+    eta = elapsed / max(steps_here, 1) * (total - step)
     print(
         f"step {step:>4}/{total} | reward {m.get('reward/mean', float('nan')):.3f} "
         f"acc {m.get('reward/accuracy', float('nan')):.3f} | loss {m.get('actor/loss', float('nan')):+.4f} "
@@ -327,6 +369,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.loader = PromptLoader(PromptDataset(cfg.data.train_path, cfg.data, self.tokenizer),
                                    shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        if len(self.loader.dataset) < cfg.prompts_per_step:  # pre-flight counted rows, before length filtering
+            raise ValueError(f"data.train_path={cfg.data.train_path!r} keeps {len(self.loader.dataset)} prompts "
+                             f"(data.max_prompt_len={cfg.data.max_prompt_len}), fewer than prompts_per_step="
+                             f"{cfg.prompts_per_step}: every step would train some prompts twice")
         if cfg.eval_every and cfg.data.eval_path:
             self.eval_data = PromptDataset(cfg.data.eval_path, cfg.data, self.tokenizer)
         self.rewards = RewardPool.from_config(cfg.reward)
@@ -358,26 +404,36 @@ class Trainer:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
     def _resuming(self) -> bool:
-        return self.cfg.resume and latest_checkpoint_step(self._ckpt_dir()) is not None
+        return self.cfg.resume and has_checkpoint(self._ckpt_dir())
 
     def _maybe_resume(self) -> None:
-        if not self._resuming():
-            return
-        state = load_checkpoint(self._ckpt_dir(), self.actor.model, self.actor.optimizer,
-                                self.actor.scheduler)
-        self.start_step = int(state["step"])
-        extra = state.get("extra_state") or {}
-        if self.is_driver and "data_cursor" in extra:
-            self.loader.load_state_dict(extra["data_cursor"])
-        self.bad_steps = int(extra.get("bad_steps", 0))
-        if self.is_driver:
-            print(f"resumed from {self._ckpt_dir()} at step {self.start_step}", flush=True)
+        if self._resuming():
+            # The newest complete checkpoint: a truncated or corrupt newer one is named and skipped.
+            state = load_checkpoint(self._ckpt_dir(), self.actor.model, self.actor.optimizer,
+                                    self.actor.scheduler)
+            self.start_step = int(state["step"])
+            extra = state.get("extra_state") or {}
+            if self.is_driver and "data_cursor" in extra:
+                try:
+                    self.loader.load_state_dict(extra["data_cursor"])
+                except ValueError as e:
+                    if not self.cfg.resume_force:
+                        raise
+                    print(f"resume_force=true: {e}; the data order starts from the beginning", flush=True)
+            self.bad_steps = int(extra.get("bad_steps", 0))
+            if self.is_driver:
+                print(f"resumed from {self._ckpt_dir()} at step {self.start_step}", flush=True)
+        if self.is_driver:  # the records of steps after the checkpoint are redone
+            self.sink.cut(self.start_step)
+            _cut_jsonl(os.path.join(self.cfg.output_dir, "prompts.jsonl"), self.start_step)
 
     def save(self, step: int) -> None:
+        from maspo_megatron.preflight import run_record
 
         extra = {"bad_steps": self.bad_steps}
         if self.is_driver:
             extra["data_cursor"] = self.loader.state_dict()
+            extra["run"] = run_record(self.cfg)  # what the resume guard compares a later run with
         save_checkpoint(self._ckpt_dir(), step, self.actor.model, self.actor.optimizer,
                         self.actor.scheduler, extra_state=extra)
 
@@ -523,8 +579,7 @@ class Trainer:
                     metrics.update(self.evaluate(done))
                 if self.is_driver:
                     self.sink.log(done, metrics)
-                    _console(done - self.start_step, cfg.steps - self.start_step, metrics,
-                             time.perf_counter() - t_start)
+                    _console(done, cfg.steps, metrics, time.perf_counter() - t_start, done - self.start_step)
                 if self.bad_steps >= cfg.max_bad_steps:
                     raise RuntimeError(f"{self.bad_steps} consecutive steps had a non-finite loss and were "
                                        f"skipped (max_bad_steps={cfg.max_bad_steps}); stopping at step {done}")

@@ -128,7 +128,10 @@ def test_commands_relaunch_under_torchrun_with_their_own_arguments(monkeypatch, 
     paths = [f"model.path={tmp_path}", f"data.train_path={data}"]
     calls = []
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(cli, "_relaunch_with_torchrun", lambda nproc, argv: calls.append((nproc, argv)) or 0)
+    monkeypatch.setattr(cli, "_relaunch_with_torchrun",
+                        lambda nproc, argv, extra_env=None: calls.append((nproc, argv)) or 0)
+    # The pre-flight checks (tests/test_preflight.py) need a real model and data: not the point here.
+    monkeypatch.setattr("maspo_megatron.preflight.run_preflight", lambda cfg, **kw: [])
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("sys.argv", ["pytest", "-q"])  # must not leak into the child's command line
     assert main(["train", "--recipe", "tiny_cpu", "steps=3", "actor.loss=grpo", *paths]) == 0

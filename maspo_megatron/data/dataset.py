@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-__all__ = ["DataConfig", "DataError", "PromptSample", "PromptDataset", "load_tokenizer", "read_rows"]
+__all__ = ["DataConfig", "DataError", "PromptSample", "PromptDataset", "count_rows", "load_tokenizer", "parse_row",
+           "read_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,17 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def read_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: str, limit: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, record) for each row: location is "line N" (1-based) for JSONL, "row N"
-    (0-based row index) for Parquet. Blank JSONL lines are skipped."""
+    (0-based row index) for Parquet. Blank JSONL lines are skipped. ``limit``: only the first
+    rows (a Parquet file is then read batch by batch, not whole)."""
+    if limit is not None:
+        rows = read_rows(path) if not path.lower().endswith(".parquet") else _first_parquet_rows(path, limit)
+        for count, row in enumerate(rows):
+            if count >= limit:
+                return
+            yield row
+        return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist")
     suffix = path.lower()
@@ -121,6 +130,43 @@ def read_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"row {row_index}", record
     else:
         raise DataError(f"{path}: unsupported dataset format; expected a .jsonl (or .json lines) or .parquet file")
+
+
+def _first_parquet_rows(path: str, limit: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    row_index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=max(1, limit)):
+        for record in batch.to_pylist():
+            yield f"row {row_index}", record
+            row_index += 1
+            if row_index >= limit:
+                return
+
+
+def count_rows(path: str) -> int:
+    """Rows in a dataset file without parsing them: non-blank JSONL lines, or the Parquet
+    footer's row count."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def parse_row(record: dict[str, Any], config: DataConfig, where: str) -> tuple[list[dict[str, str]] | str, str]:
+    """One row's (prompt, answer): chat messages (or raw text) and the answer as a string.
+
+    Raises:
+        DataError: a field is missing or has the wrong shape; the message starts with ``where``.
+    """
+    prompt = _messages_from(_get_field(record, config.prompt_field, where), config, where)
+    return prompt, _answer_from(_get_field(record, config.answer_field, where), config, where)
 
 
 def _get_field(record: dict[str, Any], field: str, where: str) -> Any:
@@ -193,9 +239,8 @@ class PromptDataset:
             )
         sources, texts, answers = [], [], []
         for location, record in read_rows(path):
-            where = f"{path}: {location}"
-            prompt = _messages_from(_get_field(record, config.prompt_field, where), config, where)
-            answers.append(_answer_from(_get_field(record, config.answer_field, where), config, where))
+            prompt, answer = parse_row(record, config, f"{path}: {location}")
+            answers.append(answer)
             if isinstance(prompt, list):
                 prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
             sources.append(f"{path}:{location}")

@@ -58,6 +58,17 @@ class RolloutClientConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"rollout.client.{key} must be >= 0, got {getattr(self, key)!r}")
 
+    def __post_init__(self):
+        for key in ("max_concurrency", "max_attempts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rollout.client.{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("request_timeout_s", "connect_timeout_s", "progress_interval_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"rollout.client.{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("backoff_initial_s", "backoff_max_s", "down_cooldown_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"rollout.client.{key} must be >= 0, got {getattr(self, key)!r}")
+
 
 @dataclass(frozen=True)
 class RolloutRequest:

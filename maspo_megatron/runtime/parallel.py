@@ -38,12 +38,24 @@ class ParallelConfig:
     timeout_minutes: int = 30
     """Collective timeout: a hung peer fails the job instead of stalling it forever."""
 
-    def validate(self, world_size: int) -> int:
-        """Checks the layout against the world size and returns the data-parallel size."""
+    def __post_init__(self):
+        self._check_sizes()
+        for key in ("vpp", "etp"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"parallel.{key} must be None or a positive integer, got {value!r}")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+
+    def _check_sizes(self) -> None:
         for key in ("tp", "pp", "cp", "ep"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallel.{key} must be a positive integer, got {value!r}")
+
+    def validate(self, world_size: int) -> int:
+        """Checks the layout against the world size and returns the data-parallel size."""
+        self._check_sizes()
         model_parallel = self.tp * self.pp * self.cp
         if world_size % model_parallel:
             raise ValueError(
