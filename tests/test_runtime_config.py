@@ -12,13 +12,20 @@ def test_parallel_config_returns_dp_size():
     "cfg, world, message",
     [
         (ParallelConfig(tp=3), 4, "not divisible by tp\\*pp\\*cp"),
-        (ParallelConfig(tp=0), 4, "parallel.tp must be a positive integer"),
         (ParallelConfig(tp=2, ep=4), 4, "parallel.ep=4 must divide"),
     ],
 )
 def test_parallel_config_rejects_bad_layouts(cfg, world, message):
     with pytest.raises(ValueError, match=message):
         cfg.validate(world)
+
+
+def test_parallel_config_rejects_bad_sizes_when_built():
+    # As every config section does (__post_init__), so a bad value stops before any process starts.
+    with pytest.raises(ValueError, match="parallel.tp must be a positive integer, got 0"):
+        ParallelConfig(tp=0)
+    with pytest.raises(ValueError, match="parallel.vpp must be None or a positive integer"):
+        ParallelConfig(vpp=0)
 
 
 def test_cpu_mode_refuses_a_visible_gpu(monkeypatch):
