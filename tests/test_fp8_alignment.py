@@ -100,6 +100,7 @@ def test_without_fp8_or_sequence_parallelism_nothing_is_padded():
 
 
 def padded_vs_unpadded(rank, world_size, model_dir):
+    from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import OptimizerConfig
     from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
@@ -112,7 +113,8 @@ def padded_vs_unpadded(rank, world_size, model_dir):
         torch.manual_seed(0)
         chunks = build_model(model_dir, parallel, dtype=torch.float32)
         load_hf_checkpoint(chunks, model_dir)
-        actor = Actor(chunks, ActorConfig(micro_batch_tokens=40, optimizer=OptimizerConfig(lr=1e-3)))
+        cfg = ActorConfig(micro_batch_tokens=40, optimizer=OptimizerConfig(lr=1e-3))
+        actor = Actor(chunks, cfg, objective=Objective(cfg))
         assert actor.token_multiple == 1  # no FP8 on CPU; forced below, as FP8 would set it
         actor.token_multiple = multiple
         batch = _batch(n=8, max_len=12)
