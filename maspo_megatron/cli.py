@@ -3,6 +3,10 @@
 ``train`` runs under torchrun; started without it, it starts torchrun itself with as many
 processes as the layout needs (``--nproc-per-node``), so one command works on a laptop and in a
 Slurm step alike.
+
+The run ends with this command: SIGINT/SIGTERM/SIGHUP are forwarded to torchrun (which forwards
+them to every rank), torchrun dies with this process (a parent-death SIGTERM, also when this one
+is SIGKILLed), and each rank dies with torchrun (see ``runtime/lifetime.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# torchrun's wait for the ranks after forwarding a signal, before it SIGKILLs them (a rank's own
+# clean-up is bounded at 10 s by its watchdog); and ours for torchrun, before we SIGKILL it.
+TORCHRUN_SHUTDOWN_S = 15
+TORCHRUN_KILL_AFTER_S = 25.0
+
+
+def _bind_to_launcher() -> None:
+    """In a rank: SIGTERM when torchrun (the parent) dies, even by SIGKILL."""
+    import signal
+
+    from maspo_megatron.rollout.servers import set_parent_death_signal
+
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(128 + signal.SIGTERM)  # the launcher died before we asked
+
+
 def _relaunch_with_torchrun(nproc: int, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
     import subprocess
 
@@ -58,13 +80,60 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], extra_env: dict[str, st
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "maspo_megatron.cli", *argv]
+           f"--shutdown-timeout={TORCHRUN_SHUTDOWN_S}", "-m", "maspo_megatron.cli", *argv]
     env = dict(os.environ)
     if nproc > 1:
         # What torchrun itself sets for more than one process, minus its four-line banner saying so.
         env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra_env or {})
-    return subprocess.call(cmd, env=env)
+    return _run_forwarding_signals(cmd, env)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Runs torchrun in a session of its own (a terminal's Ctrl-C reaches it once, through us),
+    tied to this process by a parent-death SIGTERM; forwards SIGINT/SIGTERM/SIGHUP to it and
+    SIGKILLs it when it has not ended ``TORCHRUN_KILL_AFTER_S`` later (or on a second signal).
+    Returns 128 + the first signal when interrupted, else torchrun's exit code."""
+    import signal
+    import subprocess
+    import time
+
+    from maspo_megatron.rollout.servers import set_parent_death_signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM))
+    received: list[tuple[int, float]] = []
+
+    def kill_torchrun() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the ranks follow by their parent-death SIGTERM
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def forward(signum, frame) -> None:
+        if received:
+            kill_torchrun()
+            return
+        received.append((signum, time.monotonic()))
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > TORCHRUN_KILL_AFTER_S:
+                    kill_torchrun()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0][0] if received else code
 
 
 def _default_nproc(cfg) -> int:
@@ -77,10 +146,12 @@ def _default_nproc(cfg) -> int:
 
 
 def cmd_train(args) -> int:
+    under = _under_torchrun()
+    if under:
+        _bind_to_launcher()  # first: loading the recipe imports torch and megatron (seconds)
     from maspo_megatron.preflight import PREFLIGHT_DONE_ENV, run_preflight
 
     cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
-    under = _under_torchrun()
     nproc = int(os.environ["WORLD_SIZE"]) if under else (args.nproc_per_node or _default_nproc(cfg))
     # Checked here, before torchrun, so a bad config, model or data file is one line (exit 2),
     # not a traceback on every rank minutes later. The ranks of our own torchrun skip it.
@@ -113,6 +184,7 @@ def cmd_export_hf(args) -> int:
         return _relaunch_with_torchrun(args.nproc_per_node or 1, [
             "export-hf", "--checkpoint", args.checkpoint, "--model", args.model, "--out", args.out,
             "--tp", str(args.tp), "--pp", str(args.pp)])
+    _bind_to_launcher()
     from maspo_megatron.megatron.export import export_checkpoint_to_hf
 
     export_checkpoint_to_hf(args.checkpoint, args.model, args.out, tp=args.tp, pp=args.pp)
