@@ -2,13 +2,27 @@
 
 Runs on the driver (global rank 0). Wires ``rollout/`` (HTTP to the rollout backend's servers) to
 ``reward/`` (verifiers in worker processes); knows nothing of Megatron.
+
+Faults (launched servers and router): a watcher thread notices a server that exited within
+``rollout.watch_interval_s``, takes it out of service at once (out of the client's rotation, or
+out of the router's: ``DELETE /workers/{id}``) and restarts it on its port. Its in-flight
+requests fail and are retried on the servers still in service; with none left, samples wait
+(``rollout.client.unavailable_timeout_s``). A restarted server comes back with the checkpoint's
+weights, so it is only *ready*: the trainer re-syncs it to the current weights and proves it
+(a collective over all ranks, see ``Trainer._resync``), then :meth:`RolloutEngine.back_in_service`
+returns it to the rotation (``POST /workers`` on the router). A dead router is restarted with the
+servers in service. The client also refuses any sample whose weight version is not the current
+one, so a server that slipped back early can never feed stale samples.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +30,8 @@ import numpy as np
 from maspo_megatron.rollout.backend import SamplingConfig, SamplingParams, ServerSpec, get_backend
 from maspo_megatron.rollout.client import RolloutClient, RolloutClientConfig, RolloutRequest
 from maspo_megatron.rollout.servers import RouterManager, ServerManager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +58,9 @@ class RolloutConfig:
     """Responses per prompt (the GRPO group size)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     startup_timeout_s: float = 900.0
+    watch_interval_s: float = 1.0
+    """Seconds between checks that launched servers and the router are alive (a dead one is
+    taken out of service and restarted)."""
     client: RolloutClientConfig = field(default_factory=RolloutClientConfig)
 
     def __post_init__(self):
@@ -52,6 +71,8 @@ class RolloutConfig:
             raise ValueError("rollout.n_samples must be >= 2 (group-relative advantages need a group)")
         if self.num_servers < 1 and not self.server_urls:
             raise ValueError("rollout.num_servers must be >= 1 (or give rollout.server_urls)")
+        if not self.watch_interval_s > 0:
+            raise ValueError(f"rollout.watch_interval_s must be > 0, got {self.watch_interval_s}")
 
     def server_spec(self, model_path: str) -> ServerSpec:
         return ServerSpec(model_path=model_path, tp_size=self.sglang_tp, device=self.device,
@@ -108,16 +129,142 @@ class RolloutEngine:
             self.router = RouterManager(self.servers.urls, log_dir=log_dir)
             self.router.start()
             gen_urls = [self.router.url]
-        self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size)
-        if self.servers.procs and self.router is None:
-            # Without a router the client picks servers itself: tell it about restarts.
-            self.servers.watch(self.client.mark_down, self.client.mark_up)
+        # Fleet state (the watcher threads and the trainer's main thread both change it).
+        self._lock = threading.Lock()
+        self._order = list(self.servers.urls)
+        self._in_service = list(self.servers.urls)  # serving, with the current weights
+        self._ready: list[str] = []  # restarted and healthy, waiting for the current weights
+        self._generation = {u: 0 for u in self._order}  # restarts: a new weight-update group each
+        self._down_since: dict[str, float] = {}
+        self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size,
+                                    describe=self.describe, outage=self.outage)
+        #: How a rollout's requests are run (the trainer swaps in its collective-aware runner).
+        self.runner = self.client.run
+        if self.servers.procs:
+            self.servers.watch(self._server_down, self._server_up, interval_s=cfg.watch_interval_s)
+        if self.router is not None:
+            self.router.watch(self._router_down, self._router_up, interval_s=cfg.watch_interval_s)
 
-    def restart_dead(self) -> list[str]:
-        """Restarts managed servers that died (attached servers are their launcher's business)."""
-        if not self.servers.procs:
-            return []
-        return self.servers.restart_dead(self.client.mark_down, self.client.mark_up)
+    # ------------------------------------------------------------------ fleet
+    def describe(self, url: str) -> str:
+        """The process behind a URL: ``rollout server http://h:p (pid N, log F)`` or the router."""
+        url = url.rstrip("/")
+        if self.router is not None and url == self.router.url:
+            return self.router.describe(url)
+        if url in self.servers.urls:
+            return self.servers.describe(url)
+        return url
+
+    def outage(self) -> str:
+        """Which servers are out of service and since when (for a rollout that waits too long)."""
+        now = time.monotonic()
+        with self._lock:
+            down = [(u, now - t) for u, t in self._down_since.items()]
+            ready = list(self._ready)
+        parts = [f"{self.describe(u)} out of service for {s:.0f}s"
+                 + (" (restarted, waiting for its re-sync)" if u in ready else "") for u, s in down]
+        if self.router is not None and not self.router.procs[0].alive:
+            parts.append(f"{self.router.describe(self.router.url)} {self.router.procs[0].status()}")
+        return "; ".join(parts) or "every server is up"
+
+    def _server_down(self, url: str) -> None:
+        """Watcher thread: ``url``'s process exited. Out of service at once."""
+        with self._lock:
+            if url in self._in_service:
+                self._in_service.remove(url)
+            if url in self._ready:
+                self._ready.remove(url)
+            self._down_since.setdefault(url, time.monotonic())
+            left = list(self._in_service)
+        logger.warning("%s taken out of service (%d of %d servers left in service)", self.describe(url),
+                       len(left), len(self._order))
+        if self.router is None:
+            self.client.mark_down(url)
+            return
+        if not left:  # nothing behind the router: samples wait instead of spending attempts
+            self.client.mark_down(self.router.url)
+        try:
+            self.router.remove_worker(url)
+            logger.warning("router: removed worker %s", url)
+        except Exception as e:  # noqa: BLE001 - a dead router restarts with the in-service workers
+            logger.warning("router: could not remove worker %s (%s); it restarts without it", url, e)
+
+    def _server_up(self, url: str) -> None:
+        """Watcher thread: ``url`` restarted and is healthy, with the checkpoint's weights."""
+        with self._lock:
+            self._generation[url] += 1
+            if url not in self._ready:
+                self._ready.append(url)
+        logger.warning("%s is back; it serves again once re-synced to the current weights", self.describe(url))
+
+    def take_ready(self) -> list[tuple[str, int]]:
+        """Restarted servers waiting for the current weights, as ``(url, generation)``; each is
+        handed out once (the caller re-syncs it, then :meth:`back_in_service`)."""
+        with self._lock:
+            out = [(u, self._generation[u]) for u in self._ready]
+            self._ready.clear()
+        return out
+
+    def sync_targets(self) -> list[tuple[str, int]]:
+        """The servers a weight sync goes to now: those in service, as ``(url, generation)``
+        (a changed list means a new weight-update group)."""
+        with self._lock:
+            return [(u, self._generation[u]) for u in self._order if u in self._in_service]
+
+    def alive(self, url: str) -> bool:
+        proc = self.servers.process(url)
+        return proc.alive if proc is not None else self.servers.healthy(url)
+
+    def wait_dead(self, urls, timeout_s: float = 10.0) -> list[str]:
+        """Which of ``urls`` died (their process exited), waiting up to ``timeout_s`` for a failure
+        seen over the network to show as an exit. Attached servers: failing health checks."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = [u for u in urls if not self.alive(u)]
+            if dead or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for url in dead:  # out of service now, whether or not the watcher has seen it yet
+            with self._lock:
+                serving = url in self._in_service
+            if serving:
+                self._server_down(url)
+        return dead
+
+    def back_in_service(self, url: str) -> None:
+        """After its re-sync: ``url`` serves again (client rotation, or the router's workers)."""
+        with self._lock:
+            if url not in self._in_service:
+                self._in_service.append(url)
+            self._down_since.pop(url, None)
+        if self.router is None:
+            self.client.mark_up(url)
+        else:
+            try:
+                self.router.add_worker(url)
+                logger.warning("router: added worker %s back", url)
+            except Exception as e:  # noqa: BLE001 - the router restarts with its worker list
+                logger.warning("router: could not add worker %s back (%s); it restarts with it", url, e)
+            if self.router.procs[0].alive:
+                self.client.mark_up(self.router.url)
+        logger.warning("%s is back in service", self.describe(url))
+
+    def _router_down(self, url: str) -> None:
+        self.client.mark_down(url)
+        with self._lock:
+            self.router.worker_urls = [u for u in self._order if u in self._in_service]
+
+    def _router_up(self, url: str) -> None:
+        with self._lock:
+            workers = [u for u in self._order if u in self._in_service]
+        self.router.worker_urls = workers
+        try:
+            self.router.reconcile()
+        except Exception as e:  # noqa: BLE001 - requests find out; a later restart reconciles again
+            logger.warning("%s: could not set its workers to %s: %s", self.router.describe(url), workers, e)
+        if workers:
+            self.client.mark_up(url)
+        logger.warning("%s serves again, with workers %s", self.router.describe(url), workers)
 
     @property
     def server_urls(self) -> list[str]:
@@ -136,7 +283,7 @@ class RolloutEngine:
                            sampling=self._sampling(seed_base + i * n + j))
             for i, p in enumerate(prompts) for j in range(n)
         ]
-        samples = self.client.run(requests, progress=_progress_bar("rollout"))
+        samples = self.runner(requests, progress=_progress_bar("rollout"))
         # Special tokens stay in: a verifier must not see a response that began with <unk> as correct.
         texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=False) for s in samples]
         scored = self.rewards.score(texts, [prompts[s.index // n].answer for s in samples])
@@ -158,10 +305,11 @@ class RolloutEngine:
         acc = np.array([g.correct for g in groups], dtype=float)
         return {f"eval/avg@{k}": float(acc.mean()), f"eval/pass@{k}": float(acc.max(axis=1).mean())}
 
-    def close(self) -> None:
-        self.servers.stop()
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stops the router and the launched servers (SIGTERM, SIGKILL after ``grace_s``)."""
         if self.router is not None:
-            self.router.stop()
+            self.router.stop(grace_s)
+        self.servers.stop(grace_s)
 
 
 def rollout_stats(groups: list[RolloutGroup]) -> dict[str, float]:

@@ -5,6 +5,24 @@ its cursor, the rollout servers and client, the reward workers and the metric si
 the step's batch and broadcasts it; every rank then runs the Megatron actor on its share. After
 the optimizer step, the first data-parallel replica sends its weights to the servers (one sender
 per pipeline stage, so no GPU ever holds the whole model).
+
+Rollout faults heal inside the step (see ``generation.py`` for the servers' side). Re-syncing a
+restarted server is collective (the weights are sharded over TP/PP ranks, and the proof runs the
+actor's forward), while only rank 0 drives rollouts. The choice here: during a rollout the other
+ranks wait in a command loop (:meth:`Trainer._rollout_phase`) instead of in one long broadcast.
+Rank 0 runs the rollout's HTTP requests on a thread and, from its main thread, tells the other
+ranks ``resync`` as soon as a restarted server is healthy: all ranks then send it the current
+weights in a weight-update group of its own (the servers in service are not paused and keep
+generating) and prove them (:meth:`_resync`), and only then does it serve again. With one server
+the rollout simply waits for that (``rollout.client.unavailable_timeout_s``); with several, the
+others take the dead one's requests meanwhile. Waiting for the rollout to end before re-syncing
+(the simpler alternative) would fail the one-server case and leave a restarted server idle for
+the rest of the step. A ``wait`` command every ``_HEARTBEAT_S`` keeps the other ranks' collective
+timeout from firing during long rollouts. The step's weight sync then goes to the servers in
+service (:meth:`_sync`); one that dies during it is dropped and the others are synced again.
+
+Interrupts: SIGTERM/SIGINT on any rank (forwarded by the CLI and torchrun) end the run cleanly,
+rank 0 printing ``interrupted at step N; last checkpoint: step M`` (``runtime/lifetime.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +34,7 @@ import math
 import os
 import random
 import signal
-import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,9 +61,13 @@ from maspo_megatron.generation import (
     check_reward_failures,
     rollout_stats,
 )
+from maspo_megatron.rollout.backend import WeightSyncError
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
 from maspo_megatron.runtime import ParallelConfig, device
-from maspo_megatron.weight_publisher import WeightProof, WeightPublisher
+from maspo_megatron.runtime.lifetime import Interrupted, InterruptGuard
+from maspo_megatron.weight_publisher import WeightProof, WeightProofError, WeightPublisher
+
+_HEARTBEAT_S = 60.0  # rank 0 tells the waiting ranks this often during a rollout that it is alive
 
 logger = logging.getLogger("maspo_megatron")
 
@@ -317,6 +339,10 @@ class Trainer:
         self.engine = self.rewards = self.sink = self.publisher = self.proof = None
         self.loader = self.eval_data = self.tokenizer = None
         self.bad_steps = 0
+        self.start_step = 0
+        self.version = 0  # the weights version the actor holds (= steps trained)
+        self.step_in_progress = 0  # the step being run (1-based), or the last one done between steps
+        self.last_checkpoint: int | None = None
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -381,6 +407,7 @@ class Trainer:
         self.engine = RolloutEngine(cfg.rollout, cfg.model.path, self.tokenizer, self.rewards,
                                     os.path.join(cfg.output_dir, "logs"),
                                     vocab_size=self.actor.spec.vocab_size)
+        self.engine.runner = self._generate  # rollouts that re-sync restarted servers as they go
         self.sink = MetricsSink(cfg)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
@@ -421,6 +448,7 @@ class Trainer:
                         raise
                     print(f"resume_force=true: {e}; the data order starts from the beginning", flush=True)
             self.bad_steps = int(extra.get("bad_steps", 0))
+            self.last_checkpoint = self.step_in_progress = self.start_step
             if self.is_driver:
                 print(f"resumed from {self._ckpt_dir()} at step {self.start_step}", flush=True)
         if self.is_driver:  # the records of steps after the checkpoint are redone
@@ -436,6 +464,7 @@ class Trainer:
             extra["run"] = run_record(self.cfg)  # what the resume guard compares a later run with
         save_checkpoint(self._ckpt_dir(), step, self.actor.model, self.actor.optimizer,
                         self.actor.scheduler, extra_state=extra)
+        self.last_checkpoint = step
 
     # --------------------------------------------------------------------- rollouts
     def collect(self, step: int) -> tuple[list[RolloutGroup], dict]:
@@ -482,10 +511,12 @@ class Trainer:
     def step(self, step: int) -> dict | None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self._heal_servers(step)
+        retries0 = self.engine.client.retries if self.is_driver else 0
+        collected = self._rollout_phase(lambda: self.collect(step), f"the rollout of step {step + 1}")
         batch, info = None, {}
         if self.is_driver:
-            groups, info = self.collect(step)
+            groups, info = collected
+            info["rollout/retries"] = self.engine.client.retries - retries0
             if groups:
                 rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
                 if cfg.algorithm.overlong_penalty:
@@ -536,31 +567,140 @@ class Trainer:
             metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
         return metrics
 
-    def _heal_servers(self, version: int) -> None:
-        """Restarts dead managed servers and gives them the current weights (collective)."""
-        restarted = [self.engine.restart_dead() if self.is_driver else []]
-        dist.broadcast_object_list(restarted, src=0)
-        if restarted[0]:
+    # --------------------------------------------------------------------- collective rollouts
+    def _command(self, cmd=None):
+        """Rank 0's ``cmd`` on every rank."""
+        box = [cmd]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _rollout_phase(self, fn, what: str):
+        """Runs ``fn`` (a rollout: collect or evaluate) on rank 0 while the other ranks serve its
+        commands: ``resync`` (a restarted server needs the current weights, collectively),
+        ``wait`` (a heartbeat), ``done`` or ``error``. Returns ``fn()`` on rank 0, None elsewhere."""
+        if not self.is_driver:
+            while True:
+                cmd = self._command()
+                if cmd[0] == "done":
+                    return None
+                if cmd[0] == "error":
+                    raise RuntimeError(f"rank 0 failed during {what}: {cmd[1]}")
+                if cmd[0] == "resync":
+                    self._resync(cmd[1])
+        try:
+            out = fn()
+        except Exception as e:
+            try:  # the other ranks stop with it instead of waiting for their collective timeout
+                self._command(("error", f"{type(e).__name__}: {e}"))
+            except Exception:  # noqa: BLE001 - the original error matters
+                pass
+            raise
+        self._command(("done",))
+        return out
+
+    def _generate(self, requests, progress=None):
+        """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread; meanwhile
+        the main thread re-syncs each restarted server as soon as it is healthy (collective)."""
+        box: dict = {}
+
+        def work():
+            try:
+                box["samples"] = self.engine.client.run(requests, progress)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="rollout", daemon=True)
+        thread.start()
+        last = time.monotonic()
+        while thread.is_alive():
+            thread.join(timeout=0.2)
+            ready = self.engine.take_ready()
+            if ready:
+                self._command(("resync", ready))
+                self._resync(ready)
+                last = time.monotonic()
+            elif time.monotonic() - last > _HEARTBEAT_S:
+                self._command(("wait",))
+                last = time.monotonic()
+        if "error" in box:
+            raise box["error"]
+        return box["samples"]
+
+    def _resync(self, targets) -> None:
+        """Collective: restarted servers ``[(url, generation)]`` get the current weights (a
+        weight-update group of their own) and pass the proof; then they serve again. One that
+        died again meanwhile is left to its next restart; a live one that fails stops the run."""
+        urls = [u for u, _ in targets]
+        if self.is_driver:
+            names = ", ".join(self.engine.describe(u) for u in urls)
+            print(f"re-syncing weights v{self.version} to restarted {names} before it serves again", flush=True)
+        t0 = time.perf_counter()
+        try:
+            self.publisher.publish_once(self.actor.model, self.version, urls)
+            if self.proof is not None:
+                self.proof.check(self.actor, self.engine.client if self.is_driver else None, urls, self.version)
+        except (WeightSyncError, WeightProofError) as e:
+            dead = self._command(self.engine.wait_dead(urls) if self.is_driver else None)
+            if not dead:
+                raise
             if self.is_driver:
-                print(f"restarted rollout server(s) {restarted[0]}; re-sending weights v{version}", flush=True)
-            self.publisher.reset()
-            self._sync(version)
+                print(f"re-sync v{self.version}: {', '.join(self.engine.describe(u) for u in dead)} died "
+                      f"again during it ({e}); it is restarted again", flush=True)
+            urls = [u for u in urls if u not in dead]
+            if not urls:
+                return
+            return self._resync([(u, g) for u, g in targets if u in urls])
+        if self.is_driver:
+            for url in urls:
+                self.engine.back_in_service(url)
+            print(f"re-synced weights v{self.version} to {', '.join(urls)} in {time.perf_counter() - t0:.1f}s; "
+                  "serving again", flush=True)
 
     def _sync(self, version: int) -> dict[str, float]:
-        """Sends the weights and proves the servers now compute the trainer's log-probs."""
-        gbps = self.publisher.publish(self.actor.model, version)
-        out = {"sync/gbps": gbps}
-        if self.proof is not None:
-            out.update(self.proof.check(self.actor, self.engine.client if self.is_driver else None,
-                                        self.server_urls, version))
+        """Sends the weights to the servers in service and proves they now compute the trainer's
+        log-probs. A server that dies during it is dropped and the others are sent to again; it
+        gets the weights when it is back (:meth:`_resync`)."""
+        self.version = version
+        out: dict[str, float] = {}
+        while True:
+            targets = self._command(self.engine.sync_targets() if self.is_driver else None)
+            if not targets:
+                if self.is_driver:
+                    print(f"weights v{version}: no rollout server in service; each restarted one gets "
+                          "them before it serves", flush=True)
+                break
+            urls = [u for u, _ in targets]
+            try:
+                out["sync/gbps"] = self.publisher.publish(self.actor.model, version, targets)
+                if self.proof is not None:
+                    out.update(self.proof.check(self.actor, self.engine.client if self.is_driver else None,
+                                                urls, version))
+                break
+            except (WeightSyncError, WeightProofError) as e:
+                dead = self._command(self.engine.wait_dead(urls) if self.is_driver else None)
+                if not dead:
+                    raise
+                if self.is_driver:
+                    print(f"weight sync v{version}: {', '.join(self.engine.describe(u) for u in dead)} died "
+                          f"during it ({e}); sending to the others again", flush=True)
         if self.is_driver:
             # A restarted server comes back with the checkpoint's weights: never use its samples.
             self.engine.client.expected_weight_version = str(version)
         return out
 
     def evaluate(self, step: int) -> dict:
-        prompts = [self.eval_data[i] for i in range(min(self.cfg.eval_prompts, len(self.eval_data)))]
-        return self.engine.evaluate(prompts, self.cfg.eval_samples, seed_base=10**9 + step * 100_000)
+        """Collective (the rollout may re-sync restarted servers); the result on rank 0."""
+        def run():
+            prompts = [self.eval_data[i] for i in range(min(self.cfg.eval_prompts, len(self.eval_data)))]
+            return self.engine.evaluate(prompts, self.cfg.eval_samples, seed_base=10**9 + step * 100_000)
+
+        return self._rollout_phase(run, f"the evaluation at step {step}")
+
+    def interrupted_message(self, signum: int) -> str:
+        ckpt = f"step {self.last_checkpoint}" if self.last_checkpoint is not None else "none"
+        name = signal.Signals(signum).name
+        return (f"interrupted at step {self.step_in_progress}; last checkpoint: {ckpt} ({name}; "
+                f"a rerun in {self.cfg.output_dir} resumes from it)")
 
     # --------------------------------------------------------------------- run
     def run(self) -> None:
@@ -568,15 +708,21 @@ class Trainer:
         # Launched servers start from the HF checkpoint, attached ones from whatever they hold:
         # the first sync (and its proof) makes both the trainer's, resumed or not.
         self._sync(self.start_step)
-        if self.start_step == 0 and self.is_driver and cfg.eval_every and self.eval_data is not None:
-            self.sink.log(0, self.evaluate(0))  # the starting policy, for the learning curve
+        evaluating = cfg.eval_every and cfg.data.eval_path
+        if self.start_step == 0 and evaluating:
+            result = self.evaluate(0)  # the starting policy, for the learning curve
+            if self.is_driver:
+                self.sink.log(0, result)
         t_start = time.perf_counter()
         try:
             for step in range(self.start_step, cfg.steps):
+                self.step_in_progress = step + 1
                 metrics = self.step(step)
                 done = step + 1
-                if self.is_driver and cfg.eval_every and self.eval_data is not None and done % cfg.eval_every == 0:
-                    metrics.update(self.evaluate(done))
+                if evaluating and done % cfg.eval_every == 0:
+                    result = self.evaluate(done)
+                    if self.is_driver:
+                        metrics.update(result)
                 if self.is_driver:
                     self.sink.log(done, metrics)
                     _console(done, cfg.steps, metrics, time.perf_counter() - t_start, done - self.start_step)
@@ -585,34 +731,71 @@ class Trainer:
                                        f"skipped (max_bad_steps={cfg.max_bad_steps}); stopping at step {done}")
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                     self.save(done)
-        finally:
+        except Interrupted:
+            raise  # train() says where the run stopped, then closes without ceremony
+        except BaseException:
             self.close()
+            raise
+        self.close()
 
-    def close(self) -> None:
-        if self.publisher is not None:
+    def close(self, interrupted: bool = False) -> None:
+        """Ends the weight-update group, reward workers, servers, router and metric files; after
+        an interrupt, without the group's polite goodbye (the servers are ending anyway)."""
+        closed = self.__dict__.setdefault("_closed", set())
+        names = ["publisher"] + (["rewards", "engine", "sink"] if self.is_driver else [])
+        for name in names:
+            thing = getattr(self, name)
+            if thing is None or name in closed:
+                continue
+            closed.add(name)
+            if name == "publisher" and interrupted:
+                continue
             try:
-                self.publisher.close()
-            except Exception:  # noqa: BLE001 - shutting down; the servers go next
-                logger.exception("closing the weight-update group failed")
-        if self.is_driver:
-            for thing in (self.rewards, self.engine, self.sink):
-                if thing is not None:
+                if name == "engine":
+                    thing.close(grace_s=2.0 if interrupted else 5.0)
+                else:
                     thing.close()
+            except Exception:  # noqa: BLE001 - shutting down: close the others
+                logger.exception("closing the %s failed", name)
 
 
 def train(cfg: TrainerConfig) -> None:
     """Entry point on every rank (under torchrun)."""
     from maspo_megatron.runtime import destroy_parallel, initialize_parallel
 
+    from maspo_megatron.rollout.servers import kill_all_managed
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Upstream deprecation notices and GPU-only fallbacks: runtime/noise.py (before megatron's import).
-    # torchrun ends the surviving ranks with SIGTERM when one fails; turning it into SystemExit
-    # runs the clean-up below (servers, reward workers, weight-update group, metric files).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    initialize_parallel(cfg.parallel)
-    trainer = Trainer(cfg)
+    # SIGTERM/SIGINT (from the CLI or torchrun, also when one rank fails) become Interrupted, a
+    # SystemExit: the clean-up below runs (servers, router, reward workers, metric files), bounded
+    # by a watchdog for a rank stuck in a collective (runtime/lifetime.py).
+    trainer = None
+    is_driver = os.environ.get("RANK", "0") == "0"
+
+    def say_interrupted(signum: int) -> None:
+        if is_driver:
+            message = trainer.interrupted_message(signum) if trainer is not None else \
+                f"interrupted during start-up ({signal.Signals(signum).name}); last checkpoint: unchanged"
+            print(message, flush=True)
+
+    guard = InterruptGuard(grace_s=10.0, on_force=say_interrupted).install()
+    interrupted = False
     try:
+        initialize_parallel(cfg.parallel)
+        trainer = Trainer(cfg)
         trainer.setup()
         trainer.run()
+    except Interrupted as e:
+        interrupted = True
+        say_interrupted(e.signum)
+        raise
     finally:
-        destroy_parallel()
+        try:
+            if trainer is not None:
+                trainer.close(interrupted=interrupted)
+            kill_all_managed()  # servers started before the engine existed (set-up interrupted)
+            if not interrupted:
+                destroy_parallel()
+        finally:
+            guard.close()

@@ -7,6 +7,15 @@ peers take part in the per-tensor TP all-gathers of the export; other data-paral
 hold the same weights and do nothing. Stages take turns (SGLang handles one update call at a
 time). Collective over all ranks.
 
+Changing servers: :meth:`WeightPublisher.publish` takes the servers of this sync, ``(url,
+generation)`` pairs from rank 0 (the same on every rank); when they differ from the last ones (a
+server died, or came back restarted) the weight-update group is rebuilt with them.
+:meth:`WeightPublisher.publish_once` sends the current weights to restarted servers only, in a
+group of their own, so the servers in service are not paused. A failed sync fails on every rank
+alike (rank 0's verdict is broadcast; each sender first drains its export so that its TP peers
+leave their all-gathers), which lets the trainer drop a server that died during the sync and
+send again to the others.
+
 The proof (:class:`WeightProof`): after every sync, the trainer's Megatron log-probs of a fixed
 probe (a few short token sequences) are compared with each server's own log-probs of the same
 tokens (one prefill per sequence, the engine's prompt log-prob output) before any sample from
@@ -25,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.megatron.convert import export_hf
+from maspo_megatron.rollout.backend import WeightSyncError
 from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig, WeightSyncer, make_turn_barrier
 
 logger = logging.getLogger(__name__)
@@ -63,6 +73,8 @@ class WeightProof:
                 verdict[1] = self.compare(ours, client, urls, version)
             except WeightProofError as e:
                 verdict[0] = str(e)
+            except Exception as e:  # noqa: BLE001 - e.g. a server that died: every rank must hear it
+                verdict[0] = f"weight sync v{version}: the proof could not ask the servers {urls}: {e}"
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
             raise WeightProofError(verdict[0])
@@ -97,22 +109,27 @@ class WeightPublisher:
 
         from maspo_megatron.runtime import device
 
+        self.cfg, self.backend, self.engine_ranks_per_server = cfg, backend, engine_ranks_per_server
         self.colocated = cfg.mode == "colocated"
         self.in_export = ps.get_data_parallel_rank() == 0
         self.is_sender = self.in_export and ps.get_tensor_model_parallel_rank() == 0
-        pp_rank = ps.get_pipeline_model_parallel_rank()
-        pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, self.is_sender)
         senders = [r for r, s in enumerate(flags) if s]
         # new_group is collective over the world, senders or not.
         group = dist.new_group(senders) if len(senders) > 1 else None
-        self.syncer = None
-        if self.is_sender:
-            barrier = make_turn_barrier(group, device()) if pp_size > 1 else None
-            self.syncer = WeightSyncer(server_urls, cfg, backend=backend,
-                                       engine_ranks_per_server=engine_ranks_per_server,
-                                       sender_index=pp_rank, num_senders=pp_size, turn_barrier=barrier)
+        self.barrier = make_turn_barrier(group, device()) if self.is_sender and self.pp_size > 1 else None
+        self.targets = tuple((u, 0) for u in server_urls)
+        self.syncer = self._make_syncer([u for u, _ in self.targets])
+
+    def _make_syncer(self, urls: list[str]) -> WeightSyncer | None:
+        if not self.is_sender or not urls:
+            return None
+        return WeightSyncer(urls, self.cfg, backend=self.backend,
+                            engine_ranks_per_server=self.engine_ranks_per_server,
+                            sender_index=self.pp_rank, num_senders=self.pp_size, turn_barrier=self.barrier)
 
     @property
     def _lead(self) -> bool:
@@ -127,36 +144,76 @@ class WeightPublisher:
         # No rank may allocate for training before the servers have let go.
         dist.barrier()
 
-    def publish(self, model, version: int) -> float:
+    def publish(self, model, version: int, targets=None) -> float:
         """Sends the weights; returns the sync's GB/s as measured by global rank 0.
+
+        ``targets``: this sync's servers as ``(url, generation)`` pairs, the same on every rank
+        (None: the last ones); a change rebuilds the weight-update group. Raises
+        :class:`WeightSyncError` on every rank when the sync failed.
 
         Colocated mode: the servers' weight memory comes back first, their KV cache after the
         new weights are in (SGLang's documented order).
         """
-        gbps = [0.0]
+        if targets is not None:
+            targets = tuple((str(u), int(g)) for u, g in targets)
+            if targets != self.targets:
+                self.reset()
+                self.targets = targets
+                self.syncer = self._make_syncer([u for u, _ in targets])
         if self.colocated and self._lead:
             self.syncer.resume_memory(["weights"])
         if self.colocated:
             dist.barrier()
+        try:
+            return self._send(self.syncer, model, version)
+        finally:
+            if self.colocated and self._lead:
+                self.syncer.resume_memory(["kv_cache", "cuda_graph"])
+
+    def publish_once(self, model, version: int, urls: list[str]) -> float:
+        """Sends the weights to ``urls`` only (restarted servers), in a weight-update group of
+        their own that is closed afterwards; the servers in service are not paused. Collective;
+        raises :class:`WeightSyncError` on every rank when it failed."""
+        syncer = self._make_syncer(list(urls))
+        try:
+            return self._send(syncer, model, version)
+        finally:
+            if syncer is not None:
+                try:
+                    syncer.close()
+                except Exception as e:  # noqa: BLE001 - e.g. the server died again
+                    logger.warning("closing the weight-update group of %s: %s", urls, e)
+
+    def _send(self, syncer: WeightSyncer | None, model, version: int) -> float:
+        result = [0.0, None]
         if self.in_export:
             named = export_hf(model)
             if self.is_sender:
-                gbps[0] = self.syncer.sync(named, version).gbps
+                try:
+                    result[0] = syncer.sync(named, version).gbps
+                except Exception as e:  # noqa: BLE001 - rank 0 tells every rank below
+                    result[1] = str(e) if isinstance(e, WeightSyncError) else f"{type(e).__name__}: {e}"
+                    # The TP peers are inside the export's per-tensor all-gathers: finish them.
+                    for _ in named:
+                        pass
             else:
                 for _ in named:  # TP peer: join the export's all-gathers
                     pass
-        if self.colocated and self._lead:
-            self.syncer.resume_memory(["kv_cache", "cuda_graph"])
-        dist.broadcast_object_list(gbps, src=0)
-        return gbps[0]
+        dist.broadcast_object_list(result, src=0)
+        if result[1] is not None:
+            if self.syncer is syncer:
+                self.reset()  # the group may be broken; the next publish rebuilds it
+                self.targets = ()
+            raise WeightSyncError(result[1])
+        return result[0]
 
     def reset(self) -> None:
         """Drops the weight-update group (e.g. after a server restart); the next publish rebuilds it."""
         if self.syncer is not None:
             try:
                 self.syncer.close()
-            except Exception as e:  # noqa: BLE001 - the restarted server never knew the old group
-                logger.warning("closing the old weight-update group: %s", e)
+            except Exception as e:  # noqa: BLE001 - a dead or restarted server never knew it
+                logger.info("closing the old weight-update group: %s", e)
 
     def close(self) -> None:
         if self.syncer is not None:

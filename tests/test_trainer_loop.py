@@ -42,10 +42,13 @@ class FakeEngine:
         self.informative = informative
         self.seed_bases: list[int] = []
         self.closed = False
-        self.client = types.SimpleNamespace(expected_weight_version=None)
+        self.client = types.SimpleNamespace(expected_weight_version=None, retries=0)
 
-    def restart_dead(self):
-        return []  # the servers never die here
+    def sync_targets(self):
+        return [("http://fake:1", 0)]  # one server that never dies here
+
+    def take_ready(self):
+        return []
 
     def sample(self, prompts, n, seed_base, temperature=None):
         self.seed_bases.append(seed_base)
@@ -57,7 +60,7 @@ class FakeEngine:
                                        rewards=rewards, correct=[r > 0 for r in rewards]))
         return groups
 
-    def close(self):
+    def close(self, grace_s=None):
         self.closed = True
 
 
@@ -71,7 +74,7 @@ class FakePublisher:
     def release_rollout_memory(self):
         self.releases += 1
 
-    def publish(self, model, version):
+    def publish(self, model, version, targets=None):
         self.versions.append(version)
         return 0.0
 

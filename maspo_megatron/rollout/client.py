@@ -12,9 +12,13 @@ message; a 200 answer that does not parse fails at once too (a protocol bug, not
 
 Servers: give the server URLs (the client spreads requests to the least-loaded healthy one and
 moves retries elsewhere) or a single sglang-router URL (the router spreads; retries go back to
-it). A :class:`~maspo_megatron.rollout.servers.ServerManager` that restarts a dead server calls
-``mark_down`` / ``mark_up``; a server marked down after a connection error is also retried by
-itself once ``down_cooldown_s`` has passed.
+it). The rollout engine (``generation.RolloutEngine``) calls ``mark_down`` when a server dies (or,
+with a router, when no server is left behind it) and ``mark_up`` once a restarted server holds the
+current weights again; a server marked down after a connection error is also retried by itself
+once ``down_cooldown_s`` has passed (a longer mark-down is never shortened by that). While no URL
+is up, samples wait for one, at most ``unavailable_timeout_s``.
+
+Messages name the process behind a URL where the caller says how (``describe``: URL, pid, log).
 """
 
 from __future__ import annotations
@@ -46,23 +50,15 @@ class RolloutClientConfig:
     backoff_max_s: float = 15.0
     down_cooldown_s: float = 5.0  # skip a server this long after a connection-level failure
     progress_interval_s: float = 30.0  # seconds between progress log lines
+    unavailable_timeout_s: float = 900.0
+    """How long a sample waits while no server is up (e.g. the only one restarting and
+    re-syncing) before the rollout fails."""
 
     def __post_init__(self):
         for key in ("max_concurrency", "max_attempts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rollout.client.{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("request_timeout_s", "connect_timeout_s", "progress_interval_s"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"rollout.client.{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("backoff_initial_s", "backoff_max_s", "down_cooldown_s"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"rollout.client.{key} must be >= 0, got {getattr(self, key)!r}")
-
-    def __post_init__(self):
-        for key in ("max_concurrency", "max_attempts"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"rollout.client.{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("request_timeout_s", "connect_timeout_s", "progress_interval_s"):
+        for key in ("request_timeout_s", "connect_timeout_s", "progress_interval_s", "unavailable_timeout_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"rollout.client.{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("backoff_initial_s", "backoff_max_s", "down_cooldown_s"):
@@ -110,7 +106,9 @@ class _Retryable(Exception):
 class RolloutClient:
     def __init__(self, urls: Sequence[str], config: RolloutClientConfig | None = None,
                  api_key: str | None = None, expected_weight_version: str | None = None,
-                 backend: RolloutBackend | str = "sglang", vocab_size: int | None = None):
+                 backend: RolloutBackend | str = "sglang", vocab_size: int | None = None,
+                 describe: Callable[[str], str] | None = None,
+                 outage: Callable[[], str] | None = None):
         if not urls:
             raise ValueError("RolloutClient needs at least one server or router URL")
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
@@ -123,15 +121,24 @@ class RolloutClient:
         # When set, a sample from a server with other weights (e.g. restarted from the initial
         # checkpoint and not yet re-synced) is discarded and re-sent elsewhere.
         self.expected_weight_version = expected_weight_version
+        # ``describe(url)`` names the process behind a URL in messages; ``outage()`` says why no
+        # server is up (e.g. which one is restarting) when samples time out waiting.
+        self.describe = describe or (lambda url: url)
+        self.outage = outage
         self._lock = threading.Lock()  # mark_down/up come from the server-watch thread
         self._down_until: dict[str, float] = {}
         self._inflight = {u: 0 for u in self.urls}
+        self.retries = 0  # failed attempts that were retried, over the client's life
+        self._warned: dict[str, tuple[float, int]] = {}  # url -> (last warning, suppressed since)
 
     # ------------------------------------------------------------------ server health
     def mark_down(self, url: str, for_s: float | None = None) -> None:
+        """Skips ``url`` for ``for_s`` seconds (None: until :meth:`mark_up`); never shortens an
+        earlier, longer mark-down."""
+        url = url.rstrip("/")
+        until = time.monotonic() + (float("inf") if for_s is None else for_s)
         with self._lock:
-            self._down_until[url.rstrip("/")] = time.monotonic() + (
-                float("inf") if for_s is None else for_s)
+            self._down_until[url] = max(until, self._down_until.get(url, 0.0))
 
     def mark_up(self, url: str) -> None:
         with self._lock:
@@ -161,11 +168,12 @@ class RolloutClient:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise _Retryable(f"connection to {url} failed: {e!r}", server_down=True) from e
+            raise _Retryable(f"connection to {self.describe(url)} failed: {e!r}", server_down=True) from e
         except asyncio.TimeoutError as e:
-            raise _Retryable(f"{url} did not answer within {self.config.request_timeout_s:.0f}s") from e
+            raise _Retryable(f"{self.describe(url)} did not answer within {self.config.request_timeout_s:.0f}s") from e
         if status >= 500:
-            raise _Retryable(f"{url} answered HTTP {status}: {self.backend.error_message(status, text)}")
+            raise _Retryable(f"{self.describe(url)} answered HTTP {status}: "
+                             f"{self.backend.error_message(status, text)}")
         if status >= 400:
             raise RolloutRequestError(url, status, self.backend.error_message(status, text))
         try:
@@ -186,17 +194,23 @@ class RolloutClient:
         avoid = None
         for attempt in range(1, cfg.max_attempts + 1):
             url = self._pick(avoid)
-            while url is None:  # every server is down: wait for a restart or the cooldown
-                await asyncio.sleep(min(cfg.down_cooldown_s, 1.0))
+            waited_since = time.monotonic()
+            while url is None:  # every server is down: wait for a restart (and re-sync) or the cooldown
+                if time.monotonic() - waited_since > cfg.unavailable_timeout_s:
+                    why = f" ({self.outage()})" if self.outage else ""
+                    raise RolloutError(
+                        f"sample {req.index}: no rollout server available for {cfg.unavailable_timeout_s:.0f}s "
+                        f"(rollout.client.unavailable_timeout_s){why}")
+                await asyncio.sleep(min(cfg.down_cooldown_s, 0.5))
                 url = self._pick(avoid)
             try:
                 out = await self._generate_one(session, url, payload)
                 if out.finish_reason == "abort":
-                    raise _Retryable(f"{url} aborted the request: "
+                    raise _Retryable(f"{self.describe(url)} aborted the request: "
                                      f"{out.finish_detail.get('message', out.finish_detail)}")
                 expected = self.expected_weight_version
                 if expected is not None and out.weight_version != expected:
-                    raise _Retryable(f"{url} serves weight_version {out.weight_version!r}, expected "
+                    raise _Retryable(f"{self.describe(url)} serves weight_version {out.weight_version!r}, expected "
                                      f"{expected!r} (restarted and not re-synced?)", server_down=True)
             except _Retryable as e:
                 if e.server_down:
@@ -204,7 +218,7 @@ class RolloutClient:
                 if attempt == cfg.max_attempts:
                     raise RolloutError(f"sample {req.index} failed after {attempt} attempts; "
                                        f"last error: {e}") from e
-                logger.warning("sample %d attempt %d: %s; retrying", req.index, attempt, e)
+                self._warn_retry(url, req.index, attempt, e)
                 avoid = url
                 await asyncio.sleep(min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempt - 1)))
                 continue
@@ -214,6 +228,20 @@ class RolloutClient:
             return Sample(req.index, list(req.input_ids), out.output_ids, out.output_logprobs,
                           out.finish_reason, out.weight_version, url, attempt)
         raise AssertionError("unreachable")
+
+    def _warn_retry(self, url: str, index: int, attempt: int, error: Exception) -> None:
+        """One warning per URL per 10 s, with the count of retries it stands for (a dead server
+        fails every request it held at once)."""
+        now = time.monotonic()
+        with self._lock:
+            self.retries += 1
+            last, quiet = self._warned.get(url, (-1e9, 0))
+            if now - last < 10.0:
+                self._warned[url] = (last, quiet + 1)
+                return
+            self._warned[url] = (now, 0)
+        more = f" (and {quiet} more retries since the last warning)" if quiet else ""
+        logger.warning("sample %d attempt %d: %s; retrying%s", index, attempt, error, more)
 
     async def generate(self, requests: Sequence[RolloutRequest],
                        progress: Callable[[int, int], None] | None = None) -> list[Sample]:
