@@ -18,7 +18,7 @@ send again to the others.
 
 The proof (:class:`WeightProof`): after every sync, the trainer's Megatron log-probs of a fixed
 probe (a few short token sequences) are compared with each server's own log-probs of the same
-tokens (one prefill per sequence, the engine's prompt log-prob output) before any sample from
+tokens (one batched prefill per server, the engine's prompt log-prob output) before any sample from
 that server is used. Unlike reading weights back, this sees everything between the two models:
 a name or layout bug in the HF export (e.g. permuted heads), a tensor that was not sent, a
 server that kept or reloaded other weights, and any disagreement in how the two compute. Its cost
