@@ -157,3 +157,26 @@ def test_moe_round_trip_is_bit_exact_and_loads_in_hf(moe_run, layout):
 def test_unsupported_moe_config_feature_is_named(change, key):
     with pytest.raises(UnsupportedArchitectureError, match=key):
         build_model(tiny_moe_config(**change), None)
+
+
+def test_aux_loss_coefficient_config():
+    from transformers import LlamaConfig
+
+    from maspo_megatron.trainer import ModelConfig
+
+    assert ModelConfig(moe_aux_loss_coeff=0.02).megatron_overrides()["moe_aux_loss_coeff"] == 0.02
+    assert "moe_aux_loss_coeff" not in ModelConfig().megatron_overrides()
+    # Unset, the checkpoint's router_aux_loss_coef applies.
+    from maspo_megatron.megatron.families import get_family
+    from maspo_megatron.runtime import ParallelConfig
+
+    hf = tiny_moe_config(router_aux_loss_coef=0.003)
+    family = get_family(hf)
+    assert family.transformer_fields(family.arch_config(hf), ParallelConfig())["moe_aux_loss_coeff"] == 0.003
+    for bad in (-0.1, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="model.moe_aux_loss_coeff"):
+            ModelConfig(moe_aux_loss_coeff=bad)
+    dense = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, architectures=["LlamaForCausalLM"])
+    with pytest.raises(ValueError, match="moe_aux_loss_coeff.*not a mixture-of-experts"):
+        build_model(dense, None, config_overrides=ModelConfig(moe_aux_loss_coeff=0.1).megatron_overrides())

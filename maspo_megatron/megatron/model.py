@@ -105,6 +105,10 @@ def make_model_spec(
     hf_config = load_hf_config(hf_config_or_path)
     family = get_family(hf_config)
     arch = family.arch_config(hf_config)
+    stray = sorted(k for k in (config_overrides or {}) if k.startswith("moe_"))
+    if arch.moe is None and stray:
+        raise ValueError(f"{stray} set for {family.name}, which is not a mixture-of-experts model "
+                         "(model.moe_aux_loss_coeff / model.transformer_overrides)")
     if getattr(parallel, "vpp", None):
         raise NotImplementedError("virtual pipeline stages (parallel.vpp) are not supported by build_model")
     actual = (parallel_state.get_tensor_model_parallel_world_size(),
