@@ -62,9 +62,25 @@ class RolloutConfig:
     """Seconds between checks that launched servers and the router are alive (a dead one is
     taken out of service and restarted)."""
     client: RolloutClientConfig = field(default_factory=RolloutClientConfig)
+    pipeline: str = "sync"
+    """``sync``: each step's rollout runs, then training waits for it. ``one_step_off``: step
+    k+1's rollout is generated while step k trains, so its samples are at most one weight
+    version older than the trainer's (the staleness bound, checked before every update)."""
+    partial: str | None = None
+    """With ``one_step_off``, what a weight sync does to the responses in flight: None (the sync
+    waits until they are finished), ``continue`` (paused by retraction, then continued under the
+    new weights; each token's version is the server's record) or ``abort`` (aborted, and
+    sampled again from the start under the new weights)."""
 
     def __post_init__(self):
         get_backend(self.engine)  # raises naming the valid engines
+        if self.pipeline not in ("sync", "one_step_off"):
+            raise ValueError(f"rollout.pipeline must be 'sync' or 'one_step_off', got {self.pipeline!r}")
+        if self.partial not in (None, "continue", "abort"):
+            raise ValueError(f"rollout.partial must be None, 'continue' or 'abort', got {self.partial!r}")
+        if self.partial is not None and self.pipeline != "one_step_off":
+            raise ValueError(f"rollout.partial={self.partial!r} needs rollout.pipeline=one_step_off "
+                             "(in sync mode no response is in flight at a weight sync)")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"rollout.device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.n_samples < 2:
@@ -96,6 +112,11 @@ class RolloutGroup:
     """Per sample: the reward function's error (its traceback) when it raised or its worker died."""
     timeouts: list[bool] = field(default_factory=list)
     """Per sample: the reward function ran past ``reward.timeout_s`` (the reward is then 0)."""
+    versions: list[list[str] | None] = field(default_factory=list)
+    """Per sample, the weight version of each response token as the server recorded it (None:
+    the server sent no per-token record; ``answered`` then holds the version it answered with)."""
+    answered: list[str | None] = field(default_factory=list)
+    """Per sample, the server's weight version when it answered."""
 
 
 class RolloutEngine:
@@ -276,14 +297,15 @@ class RolloutEngine:
         return SamplingParams.from_config(self.cfg.sampling, sampling_seed=seed,
                                           stop_token_ids=[eos] if eos is not None else None)
 
-    def sample(self, prompts, n: int, seed_base: int) -> list[RolloutGroup]:
-        """n responses per prompt (one request each, so a retry never duplicates a sample)."""
+    def sample(self, prompts, n: int, seed_base: int, runner=None) -> list[RolloutGroup]:
+        """n responses per prompt (one request each, so a retry never duplicates a sample).
+        ``runner`` runs the requests (default :attr:`runner`)."""
         requests = [
             RolloutRequest(index=i * n + j, input_ids=tuple(p.prompt_ids),
                            sampling=self._sampling(seed_base + i * n + j))
             for i, p in enumerate(prompts) for j in range(n)
         ]
-        samples = self.runner(requests, progress=_progress_bar("rollout"))
+        samples = (runner or self.runner)(requests, progress=_progress_bar("rollout"))
         # Special tokens stay in: a verifier must not see a response that began with <unk> as correct.
         texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=False) for s in samples]
         scored = self.rewards.score(texts, [prompts[s.index // n].answer for s in samples])
@@ -294,6 +316,7 @@ class RolloutEngine:
                 prompt_index=p.index, prompt_ids=list(p.prompt_ids), answer=p.answer,
                 outputs=[s.output_ids for s in chunk], logprobs=[s.logprobs for s in chunk],
                 finish=[s.finish_reason for s in chunk],
+                versions=[s.token_versions for s in chunk], answered=[s.weight_version for s in chunk],
                 rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
                 errors=[r.error for r in res], timeouts=[r.timeout for r in res],
             ))

@@ -191,6 +191,7 @@ class TrainerConfig:
                 "filtering is implemented; train with top_p=1.0 and top_k=-1 (eval may filter)")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        self._check_pipeline()
         for key in ("save_every", "eval_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0: {'only at the end' if key == 'save_every' else 'never'}), "
@@ -198,6 +199,32 @@ class TrainerConfig:
         for key in ("eval_samples", "eval_prompts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    def _check_pipeline(self) -> None:
+        """What ``rollout.pipeline=one_step_off`` and ``rollout.partial`` need of the other sections."""
+        ro = self.rollout
+        if ro.pipeline == "sync":
+            return
+        if self.actor.tis_cap is None:
+            raise ValueError("rollout.pipeline=one_step_off trains on samples up to one weight version old: "
+                             "the decoupled objective's behaviour weight needs actor.tis_cap (e.g. 2.0)")
+        if self.weight_sync.mode == "colocated":
+            raise ValueError("rollout.pipeline=one_step_off generates while the trainer trains: "
+                             "weight_sync.mode=colocated frees the servers' GPU memory for training")
+        if self.reward.num_workers < 1:
+            raise ValueError("rollout.pipeline=one_step_off scores rewards on the rollout thread, where an "
+                             "inline reward (reward.num_workers=0) has no time limit: set reward.num_workers >= 1")
+        needs = {"continue": "retract", "abort": "abort"}.get(ro.partial)
+        if needs is not None and self.weight_sync.pause_mode != needs:
+            raise ValueError(f"rollout.partial={ro.partial} needs weight_sync.pause_mode={needs} "
+                             f"(got {self.weight_sync.pause_mode!r}): "
+                             + ("retracted requests keep their tokens and are recomputed under the new weights"
+                                if needs == "retract" else "in-flight requests must end so they are sampled again"))
+
+    @property
+    def staleness_bound(self) -> int:
+        """How many weight versions a trained sample may lag the trainer."""
+        return 1 if self.rollout.pipeline == "one_step_off" else 0
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -328,6 +355,38 @@ def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
 
 
 
+def _spans(versions: list[int]) -> list[list[int]]:
+    """Run-length form of per-token versions: ``[[version, tokens], ...]``."""
+    out: list[list[int]] = []
+    for v in versions:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+class _Background:
+    """``fn()`` on a daemon thread of rank 0 (a rollout); :meth:`Trainer._await` waits for it."""
+
+    def __init__(self, fn, name: str, step: int | None = None):
+        self.step = step
+        self._box: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by result() in the main thread
+            self._box["error"] = e
+
+    def result(self):
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["out"]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -343,6 +402,8 @@ class Trainer:
         self.version = 0  # the weights version the actor holds (= steps trained)
         self.step_in_progress = 0  # the step being run (1-based), or the last one done between steps
         self.last_checkpoint: int | None = None
+        self._prefetch: _Background | None = None  # rank 0: the next step's rollout, in flight
+        self._prefetch_cursor: dict | None = None  # the data cursor before it drew its prompts
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -455,22 +516,29 @@ class Trainer:
             self.sink.cut(self.start_step)
             _cut_jsonl(os.path.join(self.cfg.output_dir, "prompts.jsonl"), self.start_step)
 
+    def _data_cursor(self) -> dict:
+        """Rank 0: the cursor a checkpoint saves. A prefetched rollout is not trained yet: a
+        resume draws its prompts again."""
+        return self._prefetch_cursor if self._prefetch is not None else self.loader.state_dict()
+
     def save(self, step: int) -> None:
         from maspo_megatron.preflight import run_record
 
         extra = {"bad_steps": self.bad_steps}
         if self.is_driver:
-            extra["data_cursor"] = self.loader.state_dict()
+            extra["data_cursor"] = self._data_cursor()
             extra["run"] = run_record(self.cfg)  # what the resume guard compares a later run with
         save_checkpoint(self._ckpt_dir(), step, self.actor.model, self.actor.optimizer,
                         self.actor.scheduler, extra_state=extra)
         self.last_checkpoint = step
 
     # --------------------------------------------------------------------- rollouts
-    def collect(self, step: int) -> tuple[list[RolloutGroup], dict]:
+    def collect(self, step: int, runner=None) -> tuple[list[RolloutGroup], dict]:
         """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit).
+        ``runner`` runs the requests (default: the engine's, which re-syncs restarted servers).
 
         Appends the dataset indices of every prompt drawn for the step, and of those trained on,
+        with the weight versions of each trained sample's tokens (``[[version, tokens], ...]``),
         to ``output_dir/prompts.jsonl`` (after a resume, a step's later record supersedes).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
@@ -481,7 +549,8 @@ class Trainer:
         while len(kept) < cfg.prompts_per_step and rounds < alg.max_sampling_rounds:
             need = cfg.prompts_per_step - len(kept)
             prompts = self.loader.next_batch(need)
-            groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000)
+            groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000,
+                                        runner=runner)
             rounds += 1
             seen += groups
             check_reward_failures(groups, cfg.reward, step + 1)  # raises over reward.max_error_rate
@@ -504,7 +573,9 @@ class Trainer:
         kept = kept[: cfg.prompts_per_step]
         with open(os.path.join(cfg.output_dir, "prompts.jsonl"), "a") as f:
             f.write(json.dumps({"step": step + 1, "drawn": [g.prompt_index for g in seen],
-                                "trained": [g.prompt_index for g in kept]}) + "\n")
+                                "trained": [g.prompt_index for g in kept],
+                                "versions": [[_spans(self._versions(g, j)) for j in range(len(g.outputs))]
+                                             for g in kept]}) + "\n")
         return kept, {**info, **rollout_stats(seen)}
 
     # --------------------------------------------------------------------- one step
@@ -512,7 +583,9 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         retries0 = self.engine.client.retries if self.is_driver else 0
-        collected = self._rollout_phase(lambda: self.collect(step), f"the rollout of step {step + 1}")
+        collected = self._rollout_phase(lambda: self._rollout(step), f"the rollout of step {step + 1}")
+        if self.is_driver and cfg.rollout.pipeline == "one_step_off" and step + 1 < cfg.steps:
+            self._start_prefetch(step + 1)  # generated while this step trains
         batch, info = None, {}
         if self.is_driver:
             groups, info = collected
@@ -549,6 +622,9 @@ class Trainer:
                       flush=True)
         else:
             self.bad_steps = 0
+        if cfg.rollout.pipeline == "one_step_off" and cfg.rollout.partial is None and step + 1 < cfg.steps:
+            # No response may be in flight at the sync: the next step's rollout ends first.
+            self._rollout_phase(lambda: self._await(self._prefetch), f"the rollout of step {step + 2}")
         sync = self._sync(step + 1)
         t3 = time.perf_counter()
         if not self.is_driver:
@@ -598,19 +674,73 @@ class Trainer:
         self._command(("done",))
         return out
 
+    def _rollout(self, step: int) -> tuple[list[RolloutGroup], dict]:
+        """Rank 0, in a rollout phase: the step's groups, prefetched during the previous step
+        (``one_step_off``) or collected now, checked against the staleness bound."""
+        pending, self._prefetch = self._prefetch, None
+        if pending is None:
+            groups, info = self.collect(step)
+        elif pending.step != step:
+            raise RuntimeError(f"the rollout prefetched for step {pending.step + 1} is not step {step + 1}'s")
+        else:
+            groups, info = self._await(pending)
+        return groups, {**info, **self._check_versions(groups)}
+
+    def _start_prefetch(self, step: int) -> None:
+        """Rank 0: ``step``'s rollout on a thread while the current step trains. Its requests run
+        on the plain client: the main thread is busy in the training collectives, so a restarted
+        server is re-synced when the trainer next waits for a rollout (:meth:`_await`)."""
+        self._prefetch_cursor = self.loader.state_dict()
+        self._prefetch = _Background(lambda: self.collect(step, runner=self.engine.client.run),
+                                     f"rollout of step {step + 1}", step)
+
+    def _versions(self, group: RolloutGroup, j: int) -> list[int]:
+        """The weight version of each response token of ``group``'s sample ``j``. Without the
+        server's per-token record a response holds the version it was answered with: only
+        ``rollout.partial=continue`` lets an update land during a request."""
+        tokens = group.versions[j]
+        if tokens is None:
+            if self.cfg.rollout.partial == "continue":
+                raise RuntimeError(f"prompt {group.prompt_index} sample {j}: the server sent no per-token "
+                                   "weight versions (meta_info.weight_versions), which rollout.partial=continue needs")
+            tokens = [group.answered[j]] * len(group.outputs[j])
+        try:
+            return [int(v) for v in tokens]
+        except (TypeError, ValueError):
+            raise RuntimeError(f"prompt {group.prompt_index} sample {j} was sampled with weight versions "
+                               f"{sorted(set(map(str, tokens)))}, not the trainer's step counts") from None
+
+    def _check_versions(self, groups: list[RolloutGroup]) -> dict[str, float]:
+        """The staleness bound, before any update: every trained token was sampled with weights
+        at most ``staleness_bound`` versions older than the trainer's (and none newer)."""
+        bound = self.cfg.staleness_bound
+        lags, mixed, samples = [], 0, 0
+        for g in groups:
+            for j in range(len(g.outputs)):
+                versions = self._versions(g, j)
+                lag = [self.version - v for v in versions]
+                if not all(0 <= x <= bound for x in lag):
+                    raise RuntimeError(
+                        f"prompt {g.prompt_index} sample {j} was sampled with weight versions {sorted(set(versions))} "
+                        f"but the trainer holds version {self.version}: rollout.pipeline={self.cfg.rollout.pipeline} "
+                        f"trains samples at most {bound} version(s) old")
+                lags += lag
+                mixed += len(set(versions)) > 1
+                samples += 1
+        if not samples:
+            return {}
+        return {"rollout/staleness_mean": float(np.mean(lags)) if lags else 0.0,
+                "rollout/staleness_max": float(max(lags, default=0)),
+                "rollout/mixed_version_frac": mixed / samples}
+
     def _generate(self, requests, progress=None):
-        """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread; meanwhile
-        the main thread re-syncs each restarted server as soon as it is healthy (collective)."""
-        box: dict = {}
+        """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread, awaited."""
+        return self._await(_Background(lambda: self.engine.client.run(requests, progress), "rollout"))
 
-        def work():
-            try:
-                box["samples"] = self.engine.client.run(requests, progress)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                box["error"] = e
-
-        thread = threading.Thread(target=work, name="rollout", daemon=True)
-        thread.start()
+    def _await(self, work: "_Background"):
+        """Rank 0, in a rollout phase: ``work``'s result; meanwhile the main thread re-syncs each
+        restarted server as soon as it is healthy (collective)."""
+        thread = work.thread
         last = time.monotonic()
         while thread.is_alive():
             thread.join(timeout=0.2)
@@ -622,9 +752,7 @@ class Trainer:
             elif time.monotonic() - last > _HEARTBEAT_S:
                 self._command(("wait",))
                 last = time.monotonic()
-        if "error" in box:
-            raise box["error"]
-        return box["samples"]
+        return work.result()
 
     def _resync(self, targets) -> None:
         """Collective: restarted servers ``[(url, generation)]`` get the current weights (a
@@ -685,7 +813,9 @@ class Trainer:
                           f"during it ({e}); sending to the others again", flush=True)
         if self.is_driver:
             # A restarted server comes back with the checkpoint's weights: never use its samples.
-            self.engine.client.expected_weight_version = str(version)
+            # A pipelined rollout in flight also gives tokens of the version before.
+            oldest = max(0, version - self.cfg.staleness_bound)
+            self.engine.client.accepted_weight_versions = {str(v) for v in range(oldest, version + 1)}
         return out
 
     def evaluate(self, step: int) -> dict:

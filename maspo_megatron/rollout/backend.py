@@ -86,7 +86,10 @@ class GenerateOutput:
     finish_detail: dict[str, Any]  # the engine's raw finish-reason object
     prompt_tokens: int
     completion_tokens: int
-    weight_version: str | None
+    weight_version: str | None  # the server's version when it answered
+    token_versions: list[str] | None = None
+    """Per output token, the weight version it was sampled under (the engine's record; None when
+    the engine sent none)."""
     input_logprobs: list[float | None] | None = None  # prompt log-probs, when asked for
     meta_info: dict[str, Any] = field(default_factory=dict)
 

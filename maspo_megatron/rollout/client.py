@@ -80,7 +80,8 @@ class Sample:
     output_ids: list[int]
     logprobs: list[float]  # SGLang output_token_logprobs: log_softmax(logits / T)
     finish_reason: str  # "stop" | "length"
-    weight_version: str | None
+    weight_version: str | None  # the server's when it answered
+    token_versions: list[str] | None  # per output token, the version it was sampled under (engine's record)
     server: str
     attempts: int
 
@@ -105,7 +106,7 @@ class _Retryable(Exception):
 
 class RolloutClient:
     def __init__(self, urls: Sequence[str], config: RolloutClientConfig | None = None,
-                 api_key: str | None = None, expected_weight_version: str | None = None,
+                 api_key: str | None = None, accepted_weight_versions: Sequence[str] | None = None,
                  backend: RolloutBackend | str = "sglang", vocab_size: int | None = None,
                  describe: Callable[[str], str] | None = None,
                  outage: Callable[[], str] | None = None):
@@ -118,9 +119,11 @@ class RolloutClient:
         self.urls = [u.rstrip("/") for u in urls]
         self.config = config or RolloutClientConfig()
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # When set, a sample from a server with other weights (e.g. restarted from the initial
-        # checkpoint and not yet re-synced) is discarded and re-sent elsewhere.
-        self.expected_weight_version = expected_weight_version
+        # When set, a sample with a token from other weights (e.g. a server restarted from the
+        # initial checkpoint and not yet re-synced) is discarded and re-sent elsewhere. More than
+        # one version is accepted while a pipelined rollout spans a weight sync.
+        self.accepted_weight_versions = None if accepted_weight_versions is None \
+            else frozenset(accepted_weight_versions)
         # ``describe(url)`` names the process behind a URL in messages; ``outage()`` says why no
         # server is up (e.g. which one is restarting) when samples time out waiting.
         self.describe = describe or (lambda url: url)
@@ -208,10 +211,12 @@ class RolloutClient:
                 if out.finish_reason == "abort":
                     raise _Retryable(f"{self.describe(url)} aborted the request: "
                                      f"{out.finish_detail.get('message', out.finish_detail)}")
-                expected = self.expected_weight_version
-                if expected is not None and out.weight_version != expected:
-                    raise _Retryable(f"{self.describe(url)} serves weight_version {out.weight_version!r}, expected "
-                                     f"{expected!r} (restarted and not re-synced?)", server_down=True)
+                accepted = self.accepted_weight_versions
+                seen = {out.weight_version, *(out.token_versions or ())}
+                if accepted is not None and not seen <= accepted:
+                    raise _Retryable(f"{self.describe(url)} sampled with weight_version {sorted(seen - accepted)}, "
+                                     f"accepted: {sorted(accepted)} (restarted and not re-synced?)",
+                                     server_down=True)
             except _Retryable as e:
                 if e.server_down:
                     self.mark_down(url, cfg.down_cooldown_s)
@@ -226,7 +231,7 @@ class RolloutClient:
                 self._release(url)
             on_done()
             return Sample(req.index, list(req.input_ids), out.output_ids, out.output_logprobs,
-                          out.finish_reason, out.weight_version, url, attempt)
+                          out.finish_reason, out.weight_version, out.token_versions, url, attempt)
         raise AssertionError("unreachable")
 
     def _warn_retry(self, url: str, index: int, attempt: int, error: Exception) -> None:
