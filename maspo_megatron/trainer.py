@@ -21,6 +21,20 @@ the rest of the step. A ``wait`` command every ``_HEARTBEAT_S`` keeps the other 
 timeout from firing during long rollouts. The step's weight sync then goes to the servers in
 service (:meth:`_sync`); one that dies during it is dropped and the others are synced again.
 
+Pipelining (``rollout.pipeline``): in ``sync`` mode each step's rollout runs while the trainer
+waits. In ``one_step_off`` rank 0 starts the next step's rollout on a thread (the whole of
+:meth:`Trainer.collect`, dynamic sampling rounds and rewards included) right after taking the
+current step's, so it is generated while the step trains, with the weights the servers hold:
+its samples are one version behind when they are trained (the decoupled objective of
+``algo/objective.py`` corrects for it). Before the weight sync the trainer waits for that rollout
+(``rollout.partial`` None), or the sync lands while it is in flight: ``continue`` retracts the
+running requests and continues them under the new weights (SGLang records each token's version),
+``abort`` aborts them and the client samples them again. Every trained token's version (the
+server's record) is checked against the staleness bound before the update
+(:meth:`Trainer._check_versions`) and written to ``prompts.jsonl``; a checkpoint taken while a
+rollout is prefetched stores the data cursor from before it, so a resume draws those prompts
+again. A server restarted meanwhile is re-synced when the trainer next waits for a rollout.
+
 Interrupts: SIGTERM/SIGINT on any rank (forwarded by the CLI and torchrun) end the run cleanly,
 rank 0 printing ``interrupted at step N; last checkpoint: step M`` (``runtime/lifetime.py``).
 """
@@ -543,6 +557,7 @@ class Trainer:
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         n = cfg.rollout.n_samples
+        retries0 = self.engine.client.retries  # a prefetched rollout's happen during the step before
         kept: list[RolloutGroup] = []
         seen: list[RolloutGroup] = []
         rounds = 0
@@ -562,7 +577,7 @@ class Trainer:
             if not alg.dynamic_sampling:
                 break
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
-                "sampling/groups_seen": len(seen)}
+                "sampling/groups_seen": len(seen), "rollout/retries": self.engine.client.retries - retries0}
         failures = check_reward_failures(seen, cfg.reward, step + 1)
         if failures:
             print(failures, flush=True)
@@ -582,14 +597,12 @@ class Trainer:
     def step(self, step: int) -> dict | None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        retries0 = self.engine.client.retries if self.is_driver else 0
         collected = self._rollout_phase(lambda: self._rollout(step), f"the rollout of step {step + 1}")
         if self.is_driver and cfg.rollout.pipeline == "one_step_off" and step + 1 < cfg.steps:
             self._start_prefetch(step + 1)  # generated while this step trains
         batch, info = None, {}
         if self.is_driver:
             groups, info = collected
-            info["rollout/retries"] = self.engine.client.retries - retries0
             if groups:
                 rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
                 if cfg.algorithm.overlong_penalty:
@@ -625,6 +638,7 @@ class Trainer:
         if cfg.rollout.pipeline == "one_step_off" and cfg.rollout.partial is None and step + 1 < cfg.steps:
             # No response may be in flight at the sync: the next step's rollout ends first.
             self._rollout_phase(lambda: self._await(self._prefetch), f"the rollout of step {step + 2}")
+        t_drain = time.perf_counter()
         sync = self._sync(step + 1)
         t3 = time.perf_counter()
         if not self.is_driver:
@@ -636,7 +650,9 @@ class Trainer:
             **{f"actor/{k}": v for k, v in train.items()},
             "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
             "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
-            "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
+            "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t_drain, "time/step_s": t3 - t0,
+            # one_step_off without partial rollouts: the wait for the next rollout before the sync
+            "time/drain_s": t_drain - t2,
             **sync,
         }
         if gap is not None:

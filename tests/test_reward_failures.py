@@ -151,6 +151,7 @@ class StubClient:
     def __init__(self, tokenizer):
         self.ids = tokenizer.encode("3", add_special_tokens=False)
         self.accepted_weight_versions = None
+        self.retries = 0
 
     def run(self, requests, progress=None):
         return [Sample(index=r.index, prompt_ids=list(r.input_ids), output_ids=list(self.ids),

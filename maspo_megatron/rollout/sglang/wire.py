@@ -13,7 +13,10 @@ Behaviour as run against the real server (python/sglang/srt), not only as read:
 - errors: an unknown sampling key gives 400 ``{"error": "unknown field ..."}``; most others
   ``{"object": "error", "message": ...}``; weight endpoints ``{"success": false, "message": ...}``
   with 400. ``/release_memory_occupation`` answers 200 with body ``null``.
-- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``).
+- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``);
+  a response's ``meta_info.weight_version`` is the server's when it answered, and
+  ``meta_info.weight_versions`` the spans ``[{version, start, end}]`` of its output tokens (split
+  where ``/update_weight_version`` landed while the request was in flight, e.g. paused by retract).
 """
 
 from __future__ import annotations
