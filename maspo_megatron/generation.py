@@ -159,6 +159,10 @@ class RolloutEngine:
         self._down_since: dict[str, float] = {}
         self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size,
                                     describe=self.describe, outage=self.outage)
+        if cfg.client.read_server_limits:  # each server kept at its own limit; a router at their sum
+            limits = {u: self.backend.max_running_requests(u) for u in self.servers.urls}
+            self.client.set_limits(limits if gen_urls == self.servers.urls else {gen_urls[0]: sum(limits.values())})
+            logger.info("rollout: requests in flight per server %s", limits)
         #: How a rollout's requests are run (the trainer swaps in its collective-aware runner).
         self.runner = self.client.run
         if self.servers.procs:

@@ -241,3 +241,19 @@ def test_client_rejects_duplicate_indices_and_n_gt_1():
         asyncio.run(c.generate([RolloutRequest(0, (1,), SamplingParams())] * 2))
     with pytest.raises(ValueError, match="one request per sample"):
         asyncio.run(c.generate([RolloutRequest(0, (1,), SamplingParams(n=2))]))
+
+
+def test_per_server_limits_are_validated_and_spread_by_room():
+    with pytest.raises(ValueError, match="read_server_limits and max_running_per_server are exclusive"):
+        RolloutClientConfig(read_server_limits=True, max_running_per_server=2)
+    with pytest.raises(ValueError, match="max_running_per_server must be >= 1"):
+        RolloutClientConfig(max_running_per_server=0)
+    client = RolloutClient(["http://a:1", "http://b:2"])
+    with pytest.raises(ValueError, match="a limit >= 1 for every URL"):
+        client.set_limits({"http://a:1": 4})
+    client.set_limits({"http://a:1": 4, "http://b:2": 2})
+    assert client._capacity() == 6
+    # Each pick goes to the server with the most room relative to its limit: a fills to 4, b to 2.
+    picks = [client._pick(None) for _ in range(6)]
+    assert picks.count("http://a:1") == 4 and picks.count("http://b:2") == 2
+    assert client.peak_inflight == {"http://a:1": 4, "http://b:2": 2}

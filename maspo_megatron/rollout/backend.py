@@ -234,6 +234,11 @@ class RolloutBackend(abc.ABC):
     def error_message(self, status: int, text: str) -> str:
         """The engine's own message from an error body."""
 
+    def max_running_requests(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> int:
+        """How many requests the server at ``url`` runs at once (beyond that it queues them)."""
+        raise NotImplementedError(f"the {self.name} backend cannot read a server's running-request limit; "
+                                  "set rollout.client.max_running_per_server")
+
     # ---------------------------------------------------------------- weights
     @abc.abstractmethod
     def updater(self, url: str, api_key: str | None = None, http_timeout_s: float = 60.0) -> WeightUpdateAPI: ...
