@@ -9,7 +9,9 @@ responses are still in flight at the weight sync -- what the partial modes are a
 Checked from the run's own records: every trained sample carries the weight version of each of
 its tokens (the server's ``meta_info.weight_versions``, in ``prompts.jsonl``), no token is more
 than one version older than the trainer that trained it, the prompts follow the data order with
-none lost, repeated or trained twice, every step's loss is finite. Per mode: ``one_step_off``
+none lost, repeated or trained twice, every step's loss is finite. Per mode: ``sync`` trains every
+sample with the weights it was sampled with (the loop as before, now with the versions checked);
+``one_step_off``
 trains every batch after step 1 exactly one version behind (the sync waits for the rollout);
 ``continue`` trains responses whose tokens span two versions (sampled across a sync); ``abort``
 re-sent requests the sync aborted, and none of its samples spans two versions.
@@ -48,7 +50,7 @@ def server(tmp_path_factory):
         manager.stop()
 
 
-def _train(server, name: str, overrides: list[str]) -> str:
+def _train(server, name: str, overrides: list[str], pipeline: str = "one_step_off") -> str:
     run_dir = str(server["root"] / name)
     assets = server["assets"]
     cmd = [sys.executable, "-m", "maspo_megatron.cli", "train", "--recipe", "tiny_cpu",
@@ -57,7 +59,7 @@ def _train(server, name: str, overrides: list[str]) -> str:
            f"rollout.n_samples={SAMPLES}", "rollout.sampling.max_new_tokens=24",
            "algorithm.dynamic_sampling=false",  # every step trains (and syncs) whatever it drew
            f"rollout.server_urls={server['url']}", "rollout.use_router=false",
-           "rollout.pipeline=one_step_off", "actor.tis_cap=2.0", "reward.num_workers=1", *overrides]
+           f"rollout.pipeline={pipeline}", "actor.tis_cap=2.0", "reward.num_workers=1", *overrides]
     log = str(server["root"] / f"{name}.log")
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600,
@@ -73,7 +75,7 @@ def _records(run_dir: str, name: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_run(run_dir: str, assets: dict) -> tuple[list[dict], list[dict]]:
+def _check_run(run_dir: str, assets: dict, bound: int = 1) -> tuple[list[dict], list[dict]]:
     """The checks every mode shares; returns the prompts and metrics records."""
     from maspo_megatron.cli import load_recipe
     from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
@@ -99,12 +101,21 @@ def _check_run(run_dir: str, assets: dict) -> tuple[list[dict], list[dict]]:
             for spans in group:
                 assert spans, f"step {r['step']}: a sample without weight versions"
                 for version, tokens in spans:
-                    assert tokens > 0 and 0 <= trainer_version - version <= 1, (r["step"], spans)
+                    assert tokens > 0 and 0 <= trainer_version - version <= bound, (r["step"], spans)
     return records, metrics
 
 
 def _sample_versions(record: dict) -> list[set[int]]:
     return [{v for v, _ in spans} for group in record["versions"] for spans in group]
+
+
+@pytest.mark.timeout(1500)
+def test_sync_trains_every_batch_on_policy(server):
+    run_dir = _train(server, "sync", [], pipeline="sync")
+    records, metrics = _check_run(run_dir, server["assets"], bound=0)
+    for r in records:
+        assert all(v == {r["step"] - 1} for v in _sample_versions(r)), r
+    assert [m["rollout/staleness_max"] for m in metrics] == [0, 0, 0]
 
 
 @pytest.mark.timeout(1500)
