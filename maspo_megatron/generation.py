@@ -11,8 +11,9 @@ requests fail and are retried on the servers still in service; with none left, s
 weights, so it is only *ready*: the trainer re-syncs it to the current weights and proves it
 (a collective over all ranks, see ``Trainer._resync``), then :meth:`RolloutEngine.back_in_service`
 returns it to the rotation (``POST /workers`` on the router). A dead router is restarted with the
-servers in service. The client also refuses any sample whose weight version is not the current
-one, so a server that slipped back early can never feed stale samples.
+servers in service. The client also refuses any sample with a token of a weight version it does
+not accept (the current one; with ``rollout.pipeline=one_step_off`` also the one before, while a
+rollout spans a sync), so a server that slipped back early can never feed stale samples.
 """
 
 from __future__ import annotations
