@@ -302,18 +302,41 @@ class RolloutEngine:
         return SamplingParams.from_config(self.cfg.sampling, sampling_seed=seed,
                                           stop_token_ids=[eos] if eos is not None else None)
 
-    def sample(self, prompts, n: int, seed_base: int, runner=None) -> list[RolloutGroup]:
+    def sample(self, prompts, n: int, seed_base: int, runner=None, enough=None) -> list[RolloutGroup]:
         """n responses per prompt (one request each, so a retry never duplicates a sample).
-        ``runner`` runs the requests (default :attr:`runner`)."""
+        ``runner`` runs the requests (default :attr:`runner`).
+
+        Over-sampling: with ``enough(groups)`` each prompt's group is scored as soon as its n
+        responses are in, and ``enough`` is asked with the groups complete so far (in prompt
+        order); True aborts the requests still running or waiting, and only complete groups are
+        returned (the aborted prompts' are not)."""
         requests = [
             RolloutRequest(index=i * n + j, input_ids=tuple(p.prompt_ids),
                            sampling=self._sampling(seed_base + i * n + j))
             for i, p in enumerate(prompts) for j in range(n)
         ]
-        samples = (runner or self.runner)(requests, progress=_progress_bar("rollout"))
+        run = runner or self.runner
+        if enough is None:
+            return self._groups(prompts, n, run(requests, progress=_progress_bar("rollout")))
+        pending: dict[int, list] = {}
+        done: dict[int, RolloutGroup] = {}
+
+        def until(sample) -> bool:
+            i = sample.index // n
+            pending.setdefault(i, []).append(sample)
+            if len(pending[i]) < n:
+                return False
+            (done[i],) = self._groups([prompts[i]], n, sorted(pending.pop(i), key=lambda s: s.index))
+            return enough([done[k] for k in sorted(done)])
+
+        run(requests, progress=_progress_bar("rollout"), until=until)
+        return [done[k] for k in sorted(done)]
+
+    def _groups(self, prompts, n: int, samples) -> list[RolloutGroup]:
+        """Scored groups of ``prompts``; ``samples``: n per prompt, in prompt order."""
         # Special tokens stay in: a verifier must not see a response that began with <unk> as correct.
         texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=False) for s in samples]
-        scored = self.rewards.score(texts, [prompts[s.index // n].answer for s in samples])
+        scored = self.rewards.score(texts, [prompts[k // n].answer for k in range(len(samples))])
         groups = []
         for i, p in enumerate(prompts):
             chunk, res = samples[i * n:(i + 1) * n], scored[i * n:(i + 1) * n]

@@ -141,6 +141,9 @@ class AlgorithmConfig:
     """Drop groups whose rewards are all equal (no signal) and sample more prompts (DAPO)."""
     max_sampling_rounds: int = 4
     """Rollout rounds per step to fill the batch with informative groups."""
+    oversample: float = 1.0
+    """Over-sampling for dynamic sampling: each round draws this many times the prompts it still
+    needs, and aborts the requests left once enough informative groups are complete (1.0: off)."""
     overlong_penalty: bool = False
     """DAPO's soft length penalty added to rewards (see ``overlong``)."""
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -150,6 +153,11 @@ class AlgorithmConfig:
     def __post_init__(self):
         if self.max_sampling_rounds < 1:
             raise ValueError(f"algorithm.max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        if not self.oversample >= 1.0:
+            raise ValueError(f"algorithm.oversample must be >= 1.0 (1.0: off), got {self.oversample}")
+        if self.oversample > 1.0 and not self.dynamic_sampling:
+            raise ValueError("algorithm.oversample > 1 over-samples for dynamic sampling: it needs "
+                             "algorithm.dynamic_sampling=true")
 
 
 @dataclass
@@ -551,7 +559,8 @@ class Trainer:
         """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit).
         ``runner`` runs the requests (default: the engine's, which re-syncs restarted servers).
 
-        Appends the dataset indices of every prompt drawn for the step, and of those trained on,
+        Appends the dataset indices of every prompt drawn for the step, of those aborted by
+        over-sampling (drawn, not trained: like an uninformative group) and of those trained on,
         with the weight versions of each trained sample's tokens (``[[version, tokens], ...]``),
         to ``output_dir/prompts.jsonl`` (after a resume, a step's later record supersedes).
         """
@@ -560,14 +569,20 @@ class Trainer:
         retries0 = self.engine.client.retries  # a prefetched rollout's happen during the step before
         kept: list[RolloutGroup] = []
         seen: list[RolloutGroup] = []
+        drawn: list[int] = []
         rounds = 0
         while len(kept) < cfg.prompts_per_step and rounds < alg.max_sampling_rounds:
             need = cfg.prompts_per_step - len(kept)
-            prompts = self.loader.next_batch(need)
+            prompts = self.loader.next_batch(math.ceil(need * alg.oversample))
+            enough = None
+            if len(prompts) > need:  # over-sampling: the rest is aborted once `need` groups are informative
+                def enough(done, need=need):
+                    return int(dynamic_sampling_keep(torch.tensor([g.rewards for g in done])).sum()) >= need
             groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000,
-                                        runner=runner)
+                                        runner=runner, enough=enough)
             rounds += 1
             seen += groups
+            drawn += [p.index for p in prompts]
             check_reward_failures(groups, cfg.reward, step + 1)  # raises over reward.max_error_rate
             if alg.dynamic_sampling:
                 keep = dynamic_sampling_keep(torch.tensor([g.rewards for g in groups]))
@@ -576,8 +591,11 @@ class Trainer:
                 kept += groups
             if not alg.dynamic_sampling:
                 break
+        complete = {g.prompt_index for g in seen}
+        aborted = [i for i in drawn if i not in complete]
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
-                "sampling/groups_seen": len(seen), "rollout/retries": self.engine.client.retries - retries0}
+                "sampling/groups_seen": len(seen), "sampling/groups_aborted": len(aborted),
+                "rollout/retries": self.engine.client.retries - retries0}
         failures = check_reward_failures(seen, cfg.reward, step + 1)
         if failures:
             print(failures, flush=True)
@@ -587,7 +605,7 @@ class Trainer:
                   f"training on {len(kept)} groups", flush=True)
         kept = kept[: cfg.prompts_per_step]
         with open(os.path.join(cfg.output_dir, "prompts.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step + 1, "drawn": [g.prompt_index for g in seen],
+            f.write(json.dumps({"step": step + 1, "drawn": drawn, "aborted": aborted,
                                 "trained": [g.prompt_index for g in kept],
                                 "versions": [[_spans(self._versions(g, j)) for j in range(len(g.outputs))]
                                              for g in kept]}) + "\n")
@@ -749,9 +767,9 @@ class Trainer:
                 "rollout/staleness_max": float(max(lags, default=0)),
                 "rollout/mixed_version_frac": mixed / samples}
 
-    def _generate(self, requests, progress=None):
+    def _generate(self, requests, progress=None, until=None):
         """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread, awaited."""
-        return self._await(_Background(lambda: self.engine.client.run(requests, progress), "rollout"))
+        return self._await(_Background(lambda: self.engine.client.run(requests, progress, until), "rollout"))
 
     def _await(self, work: "_Background"):
         """Rank 0, in a rollout phase: ``work``'s result; meanwhile the main thread re-syncs each

@@ -4,13 +4,15 @@ The server is started with ``--max-running-requests 3``; the client reads that l
 server's ``/server_info`` and keeps exactly that many requests in flight: the server's own log
 (one line per decode step) shows 3 running requests and none queued, while the client's peak
 is 3. Without per-server limits the client's ``max_concurrency`` over-fills it (requests queue
-on the server), and a configured limit (``max_running_per_server``) is kept as well.
+on the server), and a configured limit (``max_running_per_server``) is kept as well. Ending a
+rollout early (over-sampling's abort) leaves the server idle: it aborted what was cancelled.
 """
 
 from __future__ import annotations
 
 import glob
 import re
+import time
 
 import pytest
 
@@ -89,3 +91,25 @@ def test_without_limits_the_client_overfills_and_a_configured_limit_is_kept(serv
     since = _offset(log)
     two.run(_requests(6, 8))
     assert two.peak_inflight[url] == 2 and max(r for r, _ in _decode_lines(log, since)) == 2
+
+
+def test_until_ends_the_rollout_and_the_server_aborts_the_rest(server):
+    """Over-sampling's abort: once ``until`` says the batch is full, the requests left (running
+    or queued on the server) are cancelled and the server stops working on them."""
+    url, log = server
+    client = RolloutClient([url], RolloutClientConfig(max_concurrency=64))
+    done = []
+    t0 = time.monotonic()
+    samples = client.run(_requests(4 * LIMIT, 64), until=lambda s: done.append(s) or len(done) == 2)
+    took = time.monotonic() - t0
+    assert len(samples) == 2 and all(len(s.output_ids) == 64 for s in samples)
+    assert client._inflight[url] == 0
+    # SGLang notices a closed connection within seconds (its disconnect check) and aborts the
+    # request: the server falls idle long before the other 10 requests' 3 more waves would end.
+    time.sleep(8.0)
+    since = _offset(log)
+    time.sleep(4.0)
+    assert _decode_lines(log, since) == [], "the server kept decoding requests that were cancelled"
+    with open(log, errors="replace") as f:
+        assert "disconnected from the client side" in f.read()
+    print(f"FULL abort: 2 of {4 * LIMIT} samples in {took:.1f}s, then the server idle")

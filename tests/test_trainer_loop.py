@@ -18,7 +18,7 @@ import torch.distributed as dist
 from distributed import run_distributed
 from maspo_megatron.data.dataset import PromptSample
 from maspo_megatron.generation import RolloutGroup
-from maspo_megatron.trainer import MetricsSink, Trainer, TrainerConfig
+from maspo_megatron.trainer import AlgorithmConfig, MetricsSink, Trainer, TrainerConfig
 
 
 class FakeLoader:
@@ -53,7 +53,8 @@ class FakeEngine:
     def take_ready(self):
         return []
 
-    def sample(self, prompts, n, seed_base, runner=None):
+    def sample(self, prompts, n, seed_base, runner=None, enough=None):
+        """Groups complete in prompt order; with ``enough``, the rest is aborted once it says so."""
         self.seed_bases.append(seed_base)
         # Served with the newest weights the trainer has synced (version 0 before any sync).
         version = max(map(int, self.client.accepted_weight_versions or ["0"]))
@@ -64,6 +65,8 @@ class FakeEngine:
                                        outputs=[[4, 5]] * n, logprobs=[[-1.0, -1.0]] * n, finish=["stop"] * n,
                                        rewards=rewards, correct=[r > 0 for r in rewards],
                                        versions=[[str(version)] * 2] * n, answered=[str(version)] * n))
+            if enough is not None and enough(groups):
+                break
         return groups
 
     def close(self, grace_s=None):
@@ -153,8 +156,24 @@ def test_dynamic_sampling_refills_to_the_batch_size(trainer_factory):
     assert info["sampling/rounds"] == 3 and info["sampling/groups_seen"] == 12
     assert info["sampling/groups_kept"] == 8
     assert len(set(t.engine.seed_bases)) == 3  # every round samples with fresh seeds
-    assert prompt_records(t) == [{"step": 1, "drawn": list(range(12)), "trained": [1, 2, 4, 5, 7, 8, 10, 11],
+    assert prompt_records(t) == [{"step": 1, "drawn": list(range(12)), "aborted": [],
+                                  "trained": [1, 2, 4, 5, 7, 8, 10, 11],
                                   "versions": [[[[0, 2]]] * 4] * 8}]
+
+
+def test_oversampling_aborts_the_rest_once_the_batch_is_full(trainer_factory):
+    t = trainer_factory(FakeEngine(informative=lambda i: i % 3 != 0))
+    configure(t, prompts=4, n=2, rounds=3)
+    t.cfg.algorithm.oversample = 2.0
+    groups, info = t.collect(step=0)
+    # One round draws 8 prompts; 1, 2, 4, 5 are informative (0 and 3 are not): 6 and 7 are aborted.
+    assert t.loader.requests == [8]
+    assert [g.prompt_index for g in groups] == [1, 2, 4, 5]
+    assert info["sampling/groups_seen"] == 6 and info["sampling/groups_aborted"] == 2
+    (record,) = prompt_records(t)
+    assert record["drawn"] == list(range(8)) and record["aborted"] == [6, 7] and record["trained"] == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="algorithm.oversample > 1 .* needs algorithm.dynamic_sampling=true"):
+        TrainerConfig(algorithm=AlgorithmConfig(dynamic_sampling=False, oversample=2.0))
 
 
 def test_dynamic_sampling_says_why_it_cannot_fill(trainer_factory, capsys):
@@ -241,8 +260,8 @@ def test_one_step_off_trains_each_prefetched_batch_one_version_behind(trainer_fa
 
 def test_one_step_off_refuses_a_sample_older_than_the_bound(trainer_factory):
     class Frozen(FakeEngine):  # a server whose weights never change
-        def sample(self, prompts, n, seed_base, runner=None):
-            groups = super().sample(prompts, n, seed_base, runner)
+        def sample(self, prompts, n, seed_base, runner=None, enough=None):
+            groups = super().sample(prompts, n, seed_base, runner, enough)
             for g in groups:
                 g.versions, g.answered = [["0"] * 2] * n, ["0"] * n
             return groups

@@ -289,8 +289,13 @@ class RolloutClient:
         logger.warning("sample %d attempt %d: %s; retrying%s", index, attempt, error, more)
 
     async def generate(self, requests: Sequence[RolloutRequest],
-                       progress: Callable[[int, int], None] | None = None) -> list[Sample]:
-        """Generates every request; returns samples ordered by ``index``."""
+                       progress: Callable[[int, int], None] | None = None,
+                       until: Callable[[Sample], bool] | None = None) -> list[Sample]:
+        """Generates every request; returns samples ordered by ``index``.
+
+        ``until(sample)`` is called with each sample as it completes; True ends the rollout there
+        (over-sampling): the requests not finished are cancelled, their connections closed (on
+        which SGLang aborts them), and only the finished samples are returned."""
         indices = [r.index for r in requests]
         if len(set(indices)) != len(indices):
             raise ValueError("RolloutRequest.index values must be unique within a batch")
@@ -325,16 +330,26 @@ class RolloutClient:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             tasks = [asyncio.create_task(bounded(r)) for r in requests]
             try:
-                samples = await asyncio.gather(*tasks)
+                if until is None:
+                    samples = await asyncio.gather(*tasks)
+                else:
+                    samples = []
+                    for next_done in asyncio.as_completed(tasks):
+                        samples.append(await next_done)
+                        if until(samples[-1]):
+                            break
             finally:
                 for t in tasks:
                     t.cancel()
+                # Cancelled requests unwind (and release their server) before the session closes.
+                await asyncio.gather(*tasks, return_exceptions=True)
         return sorted(samples, key=lambda s: s.index)
 
     def run(self, requests: Sequence[RolloutRequest],
-            progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+            progress: Callable[[int, int], None] | None = None,
+            until: Callable[[Sample], bool] | None = None) -> list[Sample]:
         """Synchronous wrapper of :meth:`generate` (for the trainer's rank 0)."""
-        return asyncio.run(self.generate(requests, progress))
+        return asyncio.run(self.generate(requests, progress, until))
 
     def check_ids(self, ids: Sequence[int], what: str) -> None:
         if self.vocab_size is None:
