@@ -151,3 +151,32 @@ def test_partial_abort_samples_aborted_responses_again(server):
     assert retried > 0, "no response was in flight at a weight sync: the test did not exercise abort"
     print(f"PIPELINE abort: {retried:.0f} requests re-sent after a sync aborted them; "
           f"staleness_mean per step {[round(m['rollout/staleness_mean'], 3) for m in metrics]}")
+
+
+@pytest.mark.timeout(1500)
+def test_oversampling_with_one_step_off_accounts_for_every_prompt(server):
+    """Dynamic sampling with over-sampling in the prefetched rollouts: 4 prompts drawn per needed
+    one, the rest aborted once the batch is full (whether any is, depends on the random policy's
+    rewards: the accounting holds either way)."""
+    from maspo_megatron.cli import load_recipe
+    from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
+
+    run_dir = _train(server, "oversample", ["algorithm.dynamic_sampling=true", "algorithm.oversample=4.0",
+                                            "algorithm.max_sampling_rounds=2", "prompts_per_step=1",
+                                            "rollout.n_samples=8"])
+    records = _records(run_dir, "prompts.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    data = load_recipe("tiny_cpu").data
+    dataset = PromptDataset(server["assets"]["train"], data, load_tokenizer(server["assets"]["model"]))
+    drawn = [i for r in records for i in r["drawn"]]
+    assert drawn == [p.index for p in PromptLoader(dataset, shuffle=data.shuffle, seed=data.seed).next_batch(len(drawn))]
+    trained = [i for r in records for i in r["trained"]]
+    assert len(set(trained)) == len(trained)
+    for r in records:
+        assert set(r["trained"]) <= set(r["drawn"]) and not set(r["trained"]) & set(r["aborted"])
+        assert len(r["drawn"]) % 4 == 0 and len(r["trained"]) <= 1  # 4 per needed prompt, each round
+        for group in r["versions"]:
+            assert len(group) == 8
+            assert all(0 <= r["step"] - 1 - v <= 1 for spans in group for v, _ in spans)
+    print(f"PIPELINE oversample: {len(drawn)} drawn, {sum(len(r['aborted']) for r in records)} aborted, "
+          f"{len(trained)} trained over {STEPS} steps")
