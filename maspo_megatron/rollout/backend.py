@@ -86,7 +86,10 @@ class GenerateOutput:
     finish_detail: dict[str, Any]  # the engine's raw finish-reason object
     prompt_tokens: int
     completion_tokens: int
-    weight_version: str | None
+    weight_version: str | None  # the server's version when it answered
+    token_versions: list[str] | None = None
+    """Per output token, the weight version it was sampled under (the engine's record; None when
+    the engine sent none)."""
     input_logprobs: list[float | None] | None = None  # prompt log-probs, when asked for
     meta_info: dict[str, Any] = field(default_factory=dict)
 
@@ -230,6 +233,11 @@ class RolloutBackend(abc.ABC):
     @abc.abstractmethod
     def error_message(self, status: int, text: str) -> str:
         """The engine's own message from an error body."""
+
+    def max_running_requests(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> int:
+        """How many requests the server at ``url`` runs at once (beyond that it queues them)."""
+        raise NotImplementedError(f"the {self.name} backend cannot read a server's running-request limit; "
+                                  "set rollout.client.max_running_per_server")
 
     # ---------------------------------------------------------------- weights
     @abc.abstractmethod

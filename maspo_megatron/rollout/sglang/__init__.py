@@ -176,5 +176,15 @@ class SGLangBackend(RolloutBackend):
     def updater(self, url: str, api_key: str | None = None, http_timeout_s: float = 60.0):
         return SGLangUpdater(url, api_key, http_timeout_s)
 
+    def max_running_requests(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> int:
+        # /server_info: one internal state per DP rank, each with the limit its scheduler resolved.
+        info = get_json(url.rstrip("/"), "/server_info", timeout_s, api_key)
+        states = info.get("internal_states") if isinstance(info, dict) else None
+        try:
+            return sum(int(s["effective_max_running_requests_per_dp"]) for s in states)
+        except (TypeError, KeyError, ValueError):
+            raise wire.ProtocolError(f"{url}/server_info has no internal_states[*].effective_max_running_requests_per_dp: "
+                                  f"{str(info)[:300]}") from None
+
 
 BACKEND = SGLangBackend()

@@ -13,7 +13,10 @@ Behaviour as run against the real server (python/sglang/srt), not only as read:
 - errors: an unknown sampling key gives 400 ``{"error": "unknown field ..."}``; most others
   ``{"object": "error", "message": ...}``; weight endpoints ``{"success": false, "message": ...}``
   with 400. ``/release_memory_occupation`` answers 200 with body ``null``.
-- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``).
+- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``);
+  a response's ``meta_info.weight_version`` is the server's when it answered, and
+  ``meta_info.weight_versions`` the spans ``[{version, start, end}]`` of its output tokens (split
+  where ``/update_weight_version`` landed while the request was in flight, e.g. paused by retract).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> li
             input_lp = parse_logprob_triples(meta["input_token_logprobs"], where + ".meta_info.input_token_logprobs")
         outs.append(GenerateOutput(
             output_ids=[int(t) for t in output_ids],
+            token_versions=_token_versions(meta, len(output_ids), where + ".meta_info"),
             output_logprobs=logprobs,
             finish_reason=str(finish["type"]),
             finish_detail=finish,
@@ -99,6 +103,25 @@ def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> li
             meta_info=meta,
         ))
     return outs
+
+
+def _token_versions(meta: dict, n: int, where: str) -> list[str] | None:
+    """Per output token, the weight version it was sampled under, from ``weight_versions``: the
+    spans ``[{version, start, end}]`` SGLang records when ``/update_weight_version`` lands while
+    a request is in flight (absent: the server sent none, e.g. for an aborted request)."""
+    spans = meta.get("weight_versions")
+    if spans is None:
+        return None
+    out: list[str] = []
+    for span in spans if isinstance(spans, list) else [spans]:
+        if not isinstance(span, dict) or not {"version", "start", "end"} <= span.keys() \
+                or span["start"] != len(out) or span["end"] < span["start"]:
+            raise ProtocolError(f"{where}.weight_versions: expected contiguous spans "
+                                f"[{{version, start, end}}] from token 0, got {clip(spans)}")
+        out += [str(span["version"])] * (span["end"] - span["start"])
+    if len(out) != n:
+        raise ProtocolError(f"{where}.weight_versions cover {len(out)} tokens, the output has {n}: {clip(spans)}")
+    return out
 
 
 def error_message(status: int, text: str) -> str:
