@@ -1,0 +1,186 @@
+"""Routing replay (R3), trainer side: megatron's routers take the given experts per token, in the
+actor's log-prob and train passes, per micro-batch, per pipeline stage, through recompute.
+
+The model is a tiny megatron-core MoE GPTModel (local spec, 4 experts, top-2) built here, with
+``moe_enable_routing_replay``. References:
+- megatron's own routing (``RouterReplayAction.RECORD`` over one plain forward of the whole
+  batch): replaying it gives the log-probs and gradients of no replay, bit for bit, although the
+  actor cuts the batch into other micro-batches with other padding;
+- other routes (random distinct experts) change the log-probs, and give the same log-probs and
+  train step on PP=2 with full recompute and several micro-batches as on one process.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+VOCAB, HIDDEN, LAYERS, EXPERTS, TOPK, N, L = 64, 32, 4, 4, 2, 6, 10
+
+
+def build_moe(tp: int, pp: int, *, replay: bool, recompute: bool = False, initialize: bool = True):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from maspo_megatron.runtime import ParallelConfig, initialize_parallel
+    from megatron_tiny import full_tensor, local_view, sharded_tensors
+
+    if initialize:
+        initialize_parallel(ParallelConfig(tp=tp, pp=pp))
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if recompute else {}
+    config = TransformerConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, hidden_dropout=0.0,
+        attention_dropout=0.0, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=32,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
+        moe_enable_routing_replay=replay, add_bias_linear=False, **extra,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS),
+        vocab_size=VOCAB, max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    with torch.no_grad():
+        for sh in sharded_tensors(model):
+            full = full_tensor(sh.key, sh.global_shape)
+            sh.data.copy_(full[local_view(sh)].reshape(sh.data.shape))
+    # What the actor reads of a model built by maspo_megatron.megatron.model.build_model.
+    model.maspo_spec = types.SimpleNamespace(transformer_config=config, use_te=False, vocab_size=VOCAB)
+    return model
+
+
+def make_batch(routes=None):
+    from maspo_megatron.megatron.actor import SequenceBatch
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([10, 7, 9, 4, 8, 6])
+    ids = torch.randint(0, VOCAB, (N, L), generator=g)
+    pos = torch.arange(L)[None]
+    mask = (pos >= 2) & (pos < lengths[:, None])
+    return SequenceBatch(input_ids=ids, lengths=lengths, response_mask=mask,
+                         advantages=torch.randn(N, generator=g), routed_experts=routes)
+
+
+def random_routes(seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(N, L, LAYERS, EXPERTS, generator=g).argsort(-1)[..., :TOPK].to(torch.int32)
+
+
+def record_natural_routes(model) -> torch.Tensor:
+    """megatron's own top-k of every token, one plain forward of the whole padded batch."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from maspo_megatron.megatron.routing_replay import replay_routers
+
+    routers = replay_routers([model])
+    for _, r in routers:
+        r.set_router_replay_action(RouterReplayAction.RECORD)
+    ids = make_batch().input_ids
+    with torch.no_grad():
+        model(ids, torch.arange(L).expand(N, L), None)
+    routes = torch.zeros(N, L, LAYERS, TOPK, dtype=torch.int32)
+    for layer, r in routers:  # recorded sequence-major: [L * N, topk]
+        routes[:, :, layer] = r.get_recorded_indices().reshape(L, N, TOPK).transpose(0, 1).to(torch.int32)
+        r.clear_indices()
+        r.clear_router_replay_action()
+    return routes
+
+
+def _actor(model, recompute=False):
+    from maspo_megatron.algo.objective import Objective
+    from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig
+
+    cfg = ActorConfig(loss="maspo", micro_batch_tokens=24, optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.0))
+    return Actor([model], cfg, objective=Objective(cfg))
+
+
+def natural_vs_replayed(rank, world_size):
+    from megatron_tiny import gather_params
+
+    plain = build_moe(1, 1, replay=False)
+    replayed = build_moe(1, 1, replay=True, initialize=False)
+    routes = record_natural_routes(replayed)
+    out = {}
+    for name, model, r in (("plain", plain, None), ("replayed", replayed, routes)):
+        actor = _actor(model)
+        batch = make_batch(r)
+        batch.old_logprobs, _ = actor.compute_logprobs(batch)
+        metrics = actor.train_step(batch)
+        out[name] = dict(lp=batch.old_logprobs, loss=metrics["loss"], grad_norm=metrics["grad_norm"],
+                         params={k[0]: v[2] for k, v in gather_params(model).items()})
+    other = make_batch(random_routes())
+    out["other_lp"] = _actor(build_moe(1, 1, replay=True, initialize=False), False).compute_logprobs(other)[0]
+    missing = _actor(build_moe(1, 1, replay=True, initialize=False))
+    try:
+        missing.compute_logprobs(make_batch())
+    except ValueError as e:
+        out["missing"] = str(e)
+    return out
+
+
+def test_replaying_megatrons_own_routes_changes_nothing():
+    out = run_distributed(natural_vs_replayed, 1)[0]
+    plain, rep = out["plain"], out["replayed"]
+    mask = make_batch().response_mask
+    assert torch.equal(plain["lp"], rep["lp"])
+    assert plain["loss"] == rep["loss"] and plain["grad_norm"] == rep["grad_norm"]
+    for k, v in plain["params"].items():
+        assert torch.equal(v, rep["params"][k]), k
+    # Other routes do reach the routers: the log-probs move.
+    assert (out["other_lp"] - plain["lp"])[mask].abs().max() > 1e-3
+    assert "routed_experts" in out["missing"]
+
+
+def layout_run(rank, world_size, pp, recompute):
+    from megatron_tiny import gather_params
+
+    model = build_moe(1, pp, replay=True, recompute=recompute)
+    actor = _actor(model)
+    batch = make_batch(random_routes())
+    batch.old_logprobs, _ = actor.compute_logprobs(batch)
+    metrics = actor.train_step(batch)
+    after, _ = actor.compute_logprobs(batch)
+    return dict(lp=batch.old_logprobs, after=after, loss=metrics["loss"],
+                params={k[0]: v[2] for k, v in gather_params(model).items()})
+
+
+def test_replay_on_two_pipeline_stages_with_recompute_equals_one_process():
+    one = run_distributed(layout_run, 1, 1, False)[0]
+    two = run_distributed(layout_run, 2, 2, True)
+    mask = make_batch().response_mask
+    for r in two:
+        torch.testing.assert_close(r["lp"][mask], one["lp"][mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(r["after"][mask], one["after"][mask], rtol=0, atol=1e-5)
+    assert two[1]["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    params = {**two[0]["params"], **two[1]["params"]}
+    assert params.keys() == one["params"].keys()
+    for k, v in one["params"].items():
+        torch.testing.assert_close(params[k], v, rtol=0, atol=1e-5, msg=k)
+    # The step did something (Adam at lr 1e-3 moves every weight it has a gradient for).
+    assert (one["after"] - one["lp"])[mask].abs().max() > 1e-4
+
+
+def test_pack_routes_follows_the_packed_token_order():
+    from maspo_megatron.megatron.actor import pack_routes, pack_sequences
+
+    batch = make_batch(random_routes())
+    packed = pack_sequences(batch.input_ids, batch.lengths, batch.response_mask, pad_to_multiple=16)
+    routes = pack_routes(batch.routed_experts, packed)
+    total = int(batch.lengths.sum())
+    assert routes.shape == (1, packed.input_ids.shape[1], LAYERS, TOPK)
+    k = 0
+    for i, n in enumerate(batch.lengths.tolist()):
+        assert torch.equal(routes[0, k:k + n], batch.routed_experts[i, :n])
+        k += n
+    assert (routes[0, total:] == torch.arange(TOPK, dtype=torch.int32)).all()
