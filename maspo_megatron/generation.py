@@ -62,6 +62,11 @@ class RolloutConfig:
     """Seconds between checks that launched servers and the router are alive (a dead one is
     taken out of service and restarted)."""
     client: RolloutClientConfig = field(default_factory=RolloutClientConfig)
+    routing_replay: bool = False
+    """Routing replay (R3) for MoE models: the servers return each token's routed experts and
+    the trainer's routers use them in the old-log-prob and train passes (launched servers get
+    the engine's flag; attached ``server_urls`` must have been started with it). Refused for a
+    dense model."""
 
     def __post_init__(self):
         get_backend(self.engine)  # raises naming the valid engines
@@ -75,9 +80,23 @@ class RolloutConfig:
             raise ValueError(f"rollout.watch_interval_s must be > 0, got {self.watch_interval_s}")
 
     def server_spec(self, model_path: str) -> ServerSpec:
+        extra = get_backend(self.engine).routing_replay_args() if self.routing_replay else []
         return ServerSpec(model_path=model_path, tp_size=self.sglang_tp, device=self.device,
                           dtype=self.dtype, mem_fraction_static=self.mem_fraction_static,
-                          max_total_tokens=self.max_total_tokens)
+                          max_total_tokens=self.max_total_tokens, extra_args=extra)
+
+
+def routing_replay_shape(model_path: str) -> tuple[int, int]:
+    """``(layers, topk)`` of the routes an MoE model's rollouts carry (HF ``config.json``:
+    ``num_hidden_layers``, ``num_experts_per_tok``); ValueError for a dense model."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)
+    if not hf.get("num_experts_per_tok"):
+        raise ValueError(f"rollout.routing_replay=True needs an MoE model, but {model_path} is dense "
+                         f"(its config.json has no num_experts_per_tok; architectures "
+                         f"{hf.get('architectures')}); set rollout.routing_replay=False")
+    return int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"])
 
 
 @dataclass
@@ -96,6 +115,8 @@ class RolloutGroup:
     """Per sample: the reward function's error (its traceback) when it raised or its worker died."""
     timeouts: list[bool] = field(default_factory=list)
     """Per sample: the reward function ran past ``reward.timeout_s`` (the reward is then 0)."""
+    routed_experts: list = field(default_factory=list)
+    """Per sample (routing replay only): int32 ``[prompt + output - 1, layers, topk]``."""
 
 
 class RolloutEngine:
@@ -137,7 +158,8 @@ class RolloutEngine:
         self._generation = {u: 0 for u in self._order}  # restarts: a new weight-update group each
         self._down_since: dict[str, float] = {}
         self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size,
-                                    describe=self.describe, outage=self.outage)
+                                    describe=self.describe, outage=self.outage,
+                                    routes=routing_replay_shape(model_path) if cfg.routing_replay else None)
         #: How a rollout's requests are run (the trainer swaps in its collective-aware runner).
         self.runner = self.client.run
         if self.servers.procs:
@@ -296,6 +318,7 @@ class RolloutEngine:
                 finish=[s.finish_reason for s in chunk],
                 rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
                 errors=[r.error for r in res], timeouts=[r.timeout for r in res],
+                routed_experts=[s.routed_experts for s in chunk] if self.cfg.routing_replay else [],
             ))
         return groups
 

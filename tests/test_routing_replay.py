@@ -184,3 +184,46 @@ def test_pack_routes_follows_the_packed_token_order():
         assert torch.equal(routes[0, k:k + n], batch.routed_experts[i, :n])
         k += n
     assert (routes[0, total:] == torch.arange(TOPK, dtype=torch.int32)).all()
+
+
+def test_build_batch_places_each_samples_routes_and_names_a_missing_one():
+    from maspo_megatron.generation import RolloutGroup
+    from maspo_megatron.trainer import build_batch
+
+    def group(index, routes):
+        return RolloutGroup(prompt_index=index, prompt_ids=[3, 4, 5], answer="", outputs=[[6, 7], [8]],
+                            logprobs=[[-1.0, -2.0], [-0.5]], finish=["stop", "stop"], rewards=[1.0, 0.0],
+                            correct=[True, False], routed_experts=routes)
+
+    g = torch.Generator().manual_seed(0)
+    r = [torch.randint(0, EXPERTS, (n, LAYERS, TOPK), generator=g, dtype=torch.int32) for n in (4, 3, 4, 3)]
+    batch = build_batch([group(0, r[:2]), group(1, r[2:])], torch.zeros(4), False, (LAYERS, TOPK))
+    assert batch.routed_experts.shape == (4, 5, LAYERS, TOPK)
+    for i, ri in enumerate(r):
+        n = len(ri)
+        assert torch.equal(batch.routed_experts[i, :n], ri)
+        # The last token (never forwarded by the engine) and the padding: experts 0..topk-1.
+        assert (batch.routed_experts[i, n:] == torch.arange(TOPK, dtype=torch.int32)).all()
+    with pytest.raises(ValueError, match=r"sample 1 of prompt 7 has routed experts None"):
+        build_batch([group(7, [r[0], None])], torch.zeros(2), False, (LAYERS, TOPK))
+    with pytest.raises(ValueError, match=r"sample 0 of prompt 7 has routed experts \(3, 4, 2\)"):
+        build_batch([group(7, [r[1], r[1]])], torch.zeros(2), False, (LAYERS, TOPK))
+    with pytest.raises(ValueError, match=r"prompt 2.*did not reach training"):
+        build_batch([group(2, [])], torch.zeros(2), False, (LAYERS, TOPK))
+
+
+def test_routing_replay_config_refuses_a_dense_model_and_sets_the_server_flag(tmp_path):
+    import json
+
+    from maspo_megatron.generation import RolloutConfig, routing_replay_shape
+
+    dense, moe = tmp_path / "dense", tmp_path / "moe"
+    for d, cfg in ((dense, {"num_hidden_layers": 2, "architectures": ["Qwen3ForCausalLM"]}),
+                   (moe, {"num_hidden_layers": 3, "num_experts_per_tok": 2})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rollout.routing_replay=True needs an MoE model.*dense"):
+        routing_replay_shape(str(dense))
+    assert routing_replay_shape(str(moe)) == (3, 2)
+    assert "--enable-return-routed-experts" in RolloutConfig(routing_replay=True).server_spec(str(moe)).extra_args
+    assert RolloutConfig().server_spec(str(moe)).extra_args == []

@@ -459,10 +459,9 @@ class Actor:
         # attention_mask=None: causal attention; right padding never influences real tokens.
         return model(ids, positions, None, **kwargs)
 
-    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool, entropy: bool):
+    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool, entropy: bool,
+                      replay: RoutingReplay | None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        replay = self.replay
 
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
@@ -493,8 +492,9 @@ class Actor:
             if replay is not None:
                 replay.clear()
 
-    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor) -> list[dict]:
-        if self.replay is not None:
+    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor, replay: bool = True) -> list[dict]:
+        replay = replay and self.replay is not None
+        if replay:
             self.replay.check(batch.routed_experts, tuple(batch.input_ids.shape))
         dev = device()
         shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
@@ -508,24 +508,26 @@ class Actor:
             if self.pack:
                 m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(dev),
                                              m["response_mask"], self.token_multiple)
-            if self.replay is not None:  # the routes in the layout the model sees
-                routes = m.pop("routed_experts")
+            routes = m.pop("routed_experts", None)
+            if replay:  # the routes in the layout the model sees
                 m["routes"] = pack_routes(routes, m["packed"]) if self.pack else routes
             micro.append(m)
         return micro
 
     @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False,
-                         temperature: float | None = None):
+                         temperature: float | None = None, replay: bool = True):
         """Log-probs (and entropy) of every response token, ``[N, L]``, zero elsewhere.
 
         Forward-only through the pipeline schedule; the result is assembled from all
         data-parallel ranks and pipeline stages, so every rank returns the full tensors.
         ``temperature`` overrides the actor's for this pass (the weight-sync proof uses 1).
+        With routing replay on, the batch must carry ``routed_experts``; ``replay=False`` routes
+        with the model's own router instead (the weight-sync proof's probe has no rollout).
         """
         for chunk in self.model:
             chunk.eval()
-        micro = self._micro_batches(batch, torch.arange(len(batch)))
+        micro = self._micro_batches(batch, torch.arange(len(batch)), replay)
         out_lp = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         out_ent = torch.zeros_like(out_lp) if entropy else None
 
@@ -539,7 +541,8 @@ class Actor:
 
         default, self.temperature = self.temperature, temperature or self.temperature
         try:
-            self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
+            self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy,
+                               replay=self.replay if replay else None)
         finally:
             self.temperature = default
         results = [out_lp] + ([out_ent] if entropy else [])
@@ -594,7 +597,7 @@ class Actor:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
-                                         forward_only=False, entropy=True)
+                                         forward_only=False, entropy=True, replay=self.replay)
             metrics = self._reduce_metrics(reduced)
             metrics["response_tokens"] = float(batch.response_mask[index].sum())
             if math.isfinite(metrics["loss"]):
