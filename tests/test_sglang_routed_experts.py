@@ -9,6 +9,7 @@ router's softmax per layer and token, compared as sets (SGLang's top-k order is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -54,14 +55,13 @@ def hf_routes(model, ids: list[int]) -> torch.Tensor:
     return torch.stack(per_layer, 1).sort(-1).values
 
 
-@pytest.fixture(scope="module")
-def moe_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sglang_r3")
-    model_dir = str(root / "model")
-    model = build_tiny_qwen3_moe(model_dir)
-    shim_log, server_log = str(root / "shim.jsonl"), str(root / "server.log")
-    spec = ServerSpec(model_path=model_dir, device="cpu", dtype="float32", max_total_tokens=2048,
-                      extra_args=BACKEND.routing_replay_args())
+@contextlib.contextmanager
+def cpu_server(model_dir: str, log_dir: str, *, dtype: str = "float32", routes: bool = True):
+    """A real SGLang CPU server for ``model_dir`` (with routed experts when ``routes``); yields
+    ``(url, shim_log)``; the whole process group is reaped on exit."""
+    shim_log, server_log = os.path.join(log_dir, "shim.jsonl"), os.path.join(log_dir, "server.log")
+    spec = ServerSpec(model_path=model_dir, device="cpu", dtype=dtype, max_total_tokens=4096,
+                      extra_args=BACKEND.routing_replay_args() if routes else [])
     port = free_port()
     cmd, env = server_command(spec, port, "127.0.0.1")
     assert env.get("PYTHONPATH", "").split(os.pathsep)[0] == cpu_shim.SHIM_DIR
@@ -76,10 +76,19 @@ def moe_server(tmp_path_factory):
             if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
                 pytest.fail(f"SGLang not healthy after {STARTUP_TIMEOUT_S}s:\n{proc.log_tail(60)}")
             time.sleep(0.5)
-        print(f"SGLang MoE server healthy after {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield url, model, shim_log
+        print(f"SGLang CPU server healthy after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        yield url, shim_log
     finally:
         _stop_and_reap(proc)
+
+
+@pytest.fixture(scope="module")
+def moe_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sglang_r3")
+    model_dir = str(root / "model")
+    model = build_tiny_qwen3_moe(model_dir)
+    with cpu_server(model_dir, str(root)) as (url, shim_log):
+        yield url, model, shim_log
 
 
 @pytest.mark.sglang
