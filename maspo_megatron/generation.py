@@ -66,7 +66,7 @@ class RolloutConfig:
     """Routing replay (R3) for MoE models: the servers return each token's routed experts and
     the trainer's routers use them in the old-log-prob and train passes (launched servers get
     the engine's flag; attached ``server_urls`` must have been started with it). Refused for a
-    dense model."""
+    dense model, and with a router (sglang-router 0.3.2 drops the request field)."""
 
     def __post_init__(self):
         get_backend(self.engine)  # raises naming the valid engines
@@ -78,6 +78,13 @@ class RolloutConfig:
             raise ValueError("rollout.num_servers must be >= 1 (or give rollout.server_urls)")
         if not self.watch_interval_s > 0:
             raise ValueError(f"rollout.watch_interval_s must be > 0, got {self.watch_interval_s}")
+        if self.routing_replay and (self.use_router or self.router_url):
+            # Found by running it: sglang-router 0.3.2 parses /generate into its own request type,
+            # which has no return_routed_experts, so the servers never see it.
+            raise ValueError(
+                "rollout.routing_replay=True needs rollout.use_router=False and no rollout.router_url: "
+                "sglang-router 0.3.2 drops return_routed_experts from /generate requests, so no routes "
+                "would come back; without a router the client spreads requests over the servers itself")
 
     def server_spec(self, model_path: str) -> ServerSpec:
         extra = get_backend(self.engine).routing_replay_args() if self.routing_replay else []

@@ -225,5 +225,8 @@ def test_routing_replay_config_refuses_a_dense_model_and_sets_the_server_flag(tm
     with pytest.raises(ValueError, match=r"rollout.routing_replay=True needs an MoE model.*dense"):
         routing_replay_shape(str(dense))
     assert routing_replay_shape(str(moe)) == (3, 2)
-    assert "--enable-return-routed-experts" in RolloutConfig(routing_replay=True).server_spec(str(moe)).extra_args
+    replay = RolloutConfig(routing_replay=True, use_router=False)
+    assert "--enable-return-routed-experts" in replay.server_spec(str(moe)).extra_args
+    with pytest.raises(ValueError, match=r"use_router=False.*drops return_routed_experts"):
+        RolloutConfig(routing_replay=True)
     assert RolloutConfig().server_spec(str(moe)).extra_args == []

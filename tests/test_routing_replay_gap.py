@@ -27,7 +27,7 @@ from distributed import run_distributed
 from test_sglang_routed_experts import LAYERS, TOPK, build_tiny_qwen3_moe, cpu_server
 
 DTYPE = "bfloat16"
-PROMPTS, SAMPLES, NEW_TOKENS = 24, 2, 32
+PROMPTS, SAMPLES, NEW_TOKENS = 48, 2, 32
 
 
 def build_tiny_qwen3_dense(path: str, seed: int = 0, scale: float = 0.3):
@@ -111,7 +111,15 @@ def test_replay_brings_the_moe_gap_to_the_dense_level(tmp_path):
     for name, m in (("dense", dense), ("moe, replay", moe["replay"]), ("moe, no replay", moe["no_replay"])):
         print(f"{DTYPE} {name}: mean |gap| {m['mean']:.5f}, p99 {m['p99']:.4f}, max {m['max']:.4f}, "
               f"{m['over_0_1']}/{m['tokens']} tokens over 0.1", file=sys.stderr)
-    # With replay the MoE batch is at the dense level; without, its gap is clearly larger.
-    assert moe["replay"]["mean"] <= 1.5 * dense["mean"]
-    assert moe["no_replay"]["mean"] >= 2 * moe["replay"]["mean"]
-    assert moe["no_replay"]["max"] > 5 * moe["replay"]["max"]
+    # With replay the MoE batch is at the dense level (bf16 rounding everywhere); without, the
+    # few tokens whose experts differ between the engines stand out: a far larger tail (the mean
+    # moves less: most tokens route alike). Sampling is not reproducible run to run (SGLang's
+    # seed needs --enable-deterministic-inference), so the bounds leave room: two runs of 1,536
+    # tokens measured dense 0.0146-0.0147 mean; replay 0.0153-0.0165 mean, max 0.10-0.12, 2-3
+    # tokens over 0.1; no replay 0.024-0.028 mean, max 1.8-2.9, 21-37 tokens over 0.1.
+    dense_m, rep, raw = dense, moe["replay"], moe["no_replay"]
+    assert rep["mean"] <= 1.25 * dense_m["mean"]
+    assert rep["p99"] <= 1.5 * dense_m["p99"]
+    assert raw["mean"] >= 1.2 * rep["mean"]
+    assert raw["over_0_1"] >= 5 * max(1, rep["over_0_1"])
+    assert raw["max"] >= 10 * rep["max"]

@@ -600,6 +600,8 @@ class Actor:
                                          forward_only=False, entropy=True, replay=self.replay)
             metrics = self._reduce_metrics(reduced)
             metrics["response_tokens"] = float(batch.response_mask[index].sum())
+            # Routing replay in effect: this rank's micro-batches whose routers took the rollout's experts.
+            metrics["replayed_micro_batches"] = float(len(micro)) if self.replay is not None else 0.0
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()
                 if ok:  # as in Megatron-LM: a skipped update does not advance the LR schedule
