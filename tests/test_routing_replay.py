@@ -230,3 +230,28 @@ def test_routing_replay_config_refuses_a_dense_model_and_sets_the_server_flag(tm
     with pytest.raises(ValueError, match=r"use_router=False.*drops return_routed_experts"):
         RolloutConfig(routing_replay=True)
     assert RolloutConfig().server_spec(str(moe)).extra_args == []
+
+
+
+def test_sequence_parallel_ranks_get_their_share_of_the_sequence():
+    """Under SP a TP rank's router sees hidden states [L / tp, n] (megatron's
+    scatter_to_sequence_parallel_region: an even split of dim 0); megatron's local spec refuses
+    SP on CPU (torch LayerNorm), so the split is checked here, not in a forward."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    from maspo_megatron.megatron.routing_replay import RoutingReplay
+
+    routes = random_routes()  # [N, L, layers, topk], L = 10
+    hidden_order = routes.transpose(0, 1)  # [L, N, ...]: how [s, b, h] flattens
+    tp = 2
+    for rank in range(tp):
+        replay = RoutingReplay.__new__(RoutingReplay)
+        replay.routers = [(layer, RouterReplay()) for layer in range(LAYERS)]
+        replay.num_layers, replay.topk, replay.sp_rank, replay.sp_size = LAYERS, TOPK, rank, tp
+        replay.set_micro_batch(routes)
+        share = hidden_order.chunk(tp, 0)[rank].reshape(-1, LAYERS, TOPK)
+        for layer, r in replay.routers:
+            assert torch.equal(r.target_topk_idx, share[:, layer].long())
+    replay.sp_size = 3
+    with pytest.raises(ValueError, match="do not split over 3"):
+        replay.set_micro_batch(routes)

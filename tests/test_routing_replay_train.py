@@ -1,7 +1,7 @@
 """Routing replay (R3) through the real CLI: ``maspo-megatron train --recipe tiny_cpu`` on a tiny
 Qwen3-MoE with ``rollout.routing_replay=true`` (real SGLang CPU server started by the trainer
 with ``--enable-return-routed-experts``; no sglang-router, which drops the request field),
-torchrun at TP=2, weight sync and its
+torchrun at DP=2, weight sync and its
 proof every step). Both steps must reach metrics.jsonl with a finite loss, and the routes must
 have been used: the run's log says so per pass (the actor counts replayed micro-batches)."""
 
@@ -44,7 +44,8 @@ def make_moe_assets(out: str) -> dict[str, str]:
 def test_cli_trains_a_moe_with_routing_replay(tmp_path):
     assets = make_moe_assets(str(tmp_path / "assets"))
     out = str(tmp_path / "run")
-    argv = ["train", "--recipe", "tiny_cpu", f"model.path={assets['model']}",
+    # TP=1 x DP=2: megatron refuses MoE with TP > 1 in training unless sequence parallelism is on.
+    argv = ["train", "--recipe", "tiny_cpu", "--nproc-per-node", "2", "parallel.tp=1", f"model.path={assets['model']}",
             f"data.train_path={assets['train']}", f"output_dir={out}", "steps=2", "prompts_per_step=8",
             "eval_every=0", "rollout.routing_replay=true", "rollout.use_router=false",
             "tensorboard=false"]

@@ -57,12 +57,14 @@ class RoutingReplay:
     """Feeds per-micro-batch routes to this rank's replaying routers."""
 
     def __init__(self, model_chunks, *, num_layers: int, topk: int, sequence_parallel: bool):
-        if sequence_parallel:
-            raise NotImplementedError(
-                "routing replay with sequence_parallel (each TP rank's router sees only its slice "
-                "of the sequence; the routes would have to be split the same way) is not implemented")
+        from megatron.core import parallel_state as ps
+
         self.routers = replay_routers(model_chunks)
         self.num_layers, self.topk = num_layers, topk
+        # Under sequence parallelism each TP rank's router sees its own contiguous share of the
+        # sequence dimension (megatron's scatter_to_sequence_parallel_region splits dim 0 evenly).
+        self.sp_rank, self.sp_size = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()) \
+            if sequence_parallel else (0, 1)
 
     def check(self, routes: torch.Tensor | None, shape: tuple[int, int]) -> None:
         """Routes for a ``shape`` = ``[N, L]`` batch, or an error saying what is wrong."""
@@ -79,7 +81,14 @@ class RoutingReplay:
         """Routes ``[n, L, layers, topk]`` (or packed ``[1, T, ...]``) of the next forward."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-        tokens = routes.transpose(0, 1).reshape(-1, self.num_layers, self.topk)  # sequence-major
+        seq = routes.transpose(0, 1)  # [L, n, ...]: the [s, b] order the router flattens
+        if self.sp_size > 1:
+            if seq.shape[0] % self.sp_size:
+                raise ValueError(f"routing replay: {seq.shape[0]} tokens per sequence do not split over "
+                                 f"{self.sp_size} sequence-parallel ranks")
+            share = seq.shape[0] // self.sp_size
+            seq = seq[self.sp_rank * share:(self.sp_rank + 1) * share]
+        tokens = seq.reshape(-1, self.num_layers, self.topk)
         for layer, replay in self.routers:
             replay.set_target_indices(tokens[:, layer].to(torch.long))
             replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
