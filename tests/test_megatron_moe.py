@@ -157,3 +157,67 @@ def test_moe_round_trip_is_bit_exact_and_loads_in_hf(moe_run, layout):
 def test_unsupported_moe_config_feature_is_named(change, key):
     with pytest.raises(UnsupportedArchitectureError, match=key):
         build_model(tiny_moe_config(**change), None)
+
+
+def test_aux_loss_coefficient_config():
+    from transformers import LlamaConfig
+
+    from maspo_megatron.trainer import ModelConfig
+
+    assert ModelConfig(moe_aux_loss_coeff=0.02).megatron_overrides()["moe_aux_loss_coeff"] == 0.02
+    assert "moe_aux_loss_coeff" not in ModelConfig().megatron_overrides()
+    # Unset, the checkpoint's router_aux_loss_coef applies.
+    from maspo_megatron.megatron.families import get_family
+    from maspo_megatron.runtime import ParallelConfig
+
+    hf = tiny_moe_config(router_aux_loss_coef=0.003)
+    family = get_family(hf)
+    assert family.transformer_fields(family.arch_config(hf), ParallelConfig())["moe_aux_loss_coeff"] == 0.003
+    for bad in (-0.1, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="model.moe_aux_loss_coeff"):
+            ModelConfig(moe_aux_loss_coeff=bad)
+    dense = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, architectures=["LlamaForCausalLM"])
+    with pytest.raises(ValueError, match="moe_aux_loss_coeff.*not a mixture-of-experts"):
+        build_model(dense, None, config_overrides=ModelConfig(moe_aux_loss_coeff=0.1).megatron_overrides())
+
+
+# Qwen/Qwen3-30B-A3B config.json (architecture fields): 128 experts, top-8, 30.5B parameters.
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     hidden_act="silu", tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def test_memory_plan_counts_one_expert_parallel_ranks_experts():
+    from test_plan import hf_meta_model
+
+    from maspo_megatron.megatron import memory
+    from maspo_megatron.megatron.families import get_family
+
+    total = sum(p.numel() for p in hf_meta_model(QWEN3_30B_A3B).parameters())
+    assert 30.4e9 < total < 30.6e9  # the published 30.5B
+    experts_per_layer = 128 * 3 * 2048 * 768
+    stages = memory.count_stage_params(QWEN3_30B_A3B, 1, 2, ep=8)
+    assert [s.expert for s in stages] == [24 * experts_per_layer // 8] * 2
+    # 151936 is a multiple of 128: no vocabulary padding at TP=1. Every EP rank holds 1/8 of the experts.
+    assert sum(s.params - s.expert for s in stages) + 8 * sum(s.expert for s in stages) == total
+    stages_tp2 = memory.count_stage_params(QWEN3_30B_A3B, 2, 1, ep=4)  # expert TP follows TP
+    assert stages_tp2[0].expert == 48 * experts_per_layer // 4 // 2
+    hf = memory.hf_config_from(QWEN3_30B_A3B)
+    assert memory.sglang_weight_params(get_family(hf).arch_config(hf), 1) == total
+
+    # Training terms at PP2 x DP8 with EP8 (expert DP 1): dense parameters' optimizer state is
+    # sharded over DP 8, the experts' over expert DP 1 (not at all).
+    from maspo_megatron.cli import recipe_module
+    from maspo_megatron.config import apply_overrides
+
+    cfg = apply_overrides(recipe_module("maspo_r1_distill_7b").build(),
+                          ["parallel.tp=1", "parallel.pp=2", "parallel.ep=8"])
+    plan = memory.plan_memory(cfg, QWEN3_30B_A3B, train_gpus=16, rollout_gpus=0, stages=stages)
+    first = {t.name: t for t in plan.ranks[0].terms}
+    s0 = stages[0]
+    assert first["optimizer state"].bytes == pytest.approx(12 * (s0.params - s0.expert) / 8 + 12 * s0.expert)
+    assert "expert DP 1" in first["optimizer state"].how and "EP8" in plan.format()

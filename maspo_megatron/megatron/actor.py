@@ -339,8 +339,13 @@ class Actor:
             if replay_routers(model_chunks) else None
         self.model = model_chunks
         self.steps = 0
+        self.moe_metrics = None
         if trainable:
             self._setup_training(model_chunks)
+            if self.spec.arch.moe is not None:
+                from maspo_megatron.megatron.moe_metrics import MoeMetrics
+
+                self.moe_metrics = MoeMetrics(self.model)
         else:
             for chunk in model_chunks:
                 chunk.requires_grad_(False)
@@ -596,9 +601,13 @@ class Actor:
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.moe_metrics is not None:
+                self.moe_metrics.start()
             reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
                                          forward_only=False, entropy=True, replay=self.replay)
             metrics = self._reduce_metrics(reduced)
+            if self.moe_metrics is not None:
+                metrics.update(self.moe_metrics.finish(len(micro)))
             metrics["response_tokens"] = float(batch.response_mask[index].sum())
             # Routing replay in effect: this rank's micro-batches whose routers took the rollout's experts.
             metrics["replayed_micro_batches"] = float(len(micro)) if self.replay is not None else 0.0

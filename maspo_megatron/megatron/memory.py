@@ -66,11 +66,19 @@ Training terms (per rank; N = the rank's parameter count, d = data-parallel size
   output weight, V/t x h x 4 B (``ops/fused_linear.py``).
 - runtime reserve: CUDA context, NCCL communicators and buffers, allocator fragmentation. A flat
   estimate (``reserve_gib``, 4 GiB), not measured here.
+- mixture-of-experts models: the counted parameters are one expert-parallel rank's (E/EP
+  experts, split over expert TP); the distributed optimizer shards the expert parameters over the
+  expert-data-parallel group (d_e = t*cp*d / (EP * expert TP)) instead of d. An MoE layer's
+  activations replace the MLP term 3f/t with an estimate for balanced routing, k = top-k,
+  f_e = the expert width: b*T*k*(3*f_e/t_e + 2h) (SwiGLU of the k routed copies of every token
+  on the expert-TP group, plus the permuted expert inputs and outputs kept for the combine);
+  routing imbalance (dropless) can exceed it.
 
 SGLang terms (per GPU of one server, tensor-parallel size t_r)
 --------------------------------------------------------------
 - weights: bf16 (``rollout.dtype`` or the model's), counted analytically from the architecture
-  as SGLang shards it: attention and MLP weights and the vocabulary over t_r, norms replicated,
+  as SGLang shards it: attention and MLP weights (every expert of an MoE, each split over t_r;
+  the router replicated) and the vocabulary over t_r, norms replicated,
   KV heads replicated when there are fewer than t_r (SGLang's rule). At t_r = 1 this is the HF
   parameter count (tested).
 - KV cache: 2 (k and v) x layers x KV heads per GPU x head size x 2 B per token, for
@@ -128,6 +136,8 @@ class StageParams:
     vocab: int
     """Of which word-embedding / output-layer rows (padded vocabulary / TP, times h)."""
     padded_vocab_size: int
+    expert: int = 0
+    """Of which MoE expert weights: this expert-parallel rank's experts, split over expert TP."""
 
 
 def hf_config_from(values: Any):
@@ -157,11 +167,13 @@ def _quiet():
             logging.disable(level)
 
 
-def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1,
+def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1, ep: int = 1, etp: int | None = None,
                        make_vocab_size_divisible_by: int = 128) -> list[StageParams]:
     """Builds each pipeline stage's model chunk on the meta device and counts its parameters.
 
     See the module docstring for how (a single-process ``fake`` process group, no weights).
+    With expert parallelism the world has ``ep`` data-parallel replicas so that the chunk holds
+    one expert-parallel rank's experts (all EP ranks hold equally many).
     Needs a process where torch.distributed is not initialised (the CLI, a launcher, a test).
     """
     import torch
@@ -180,24 +192,30 @@ def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1,
         if ps.model_parallel_is_initialized():
             raise RuntimeError("count_stage_params needs a process without megatron's parallel state")
         hf = hf_config_from(hf_config)
-        world = tp * pp * cp
+        dp = ep  # the smallest data-parallel size expert parallelism fits in (ep | dp * cp)
+        world = tp * pp * cp * dp
         out = []
         for stage in range(pp):
-            rank = stage * tp * cp  # megatron's default order tp-cp-ep-dp-pp: pp outermost
+            rank = stage * tp * cp * dp  # megatron's default order tp-cp-ep-dp-pp: pp outermost
             dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
             try:
                 ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp, create_gloo_process_groups=False)
+                                             context_parallel_size=cp, expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
                 assert (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()) == (stage, 0)
-                with torch.device("meta"), mock.patch("torch.cuda.is_available", return_value=False):
-                    (chunk,) = build_model(hf, ParallelConfig(tp=tp, pp=pp, cp=cp), use_te=False,
+                # The MoE alltoall dispatcher makes a CUDA stream at construction (never used here).
+                with torch.device("meta"), mock.patch("torch.cuda.is_available", return_value=False), \
+                        mock.patch("torch.cuda.Stream", lambda *a, **k: None):
+                    (chunk,) = build_model(hf, ParallelConfig(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp), use_te=False,
                                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                                            config_overrides=dict(perform_initialization=False))
                 model = unwrap_model(chunk)
-                total = replicated = linear = vocab = 0
+                total = replicated = linear = vocab = expert = 0
                 for name, p in model.named_parameters():
                     n = p.numel()
                     total += n
+                    if ".mlp.experts." in name:
+                        expert += n
                     if not getattr(p, "tensor_model_parallel", False):
                         replicated += n
                     if name.startswith("decoder.layers.") and name.endswith(LINEAR_WEIGHTS):
@@ -207,7 +225,7 @@ def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1,
                 layers = [layer.layer_number - 1 for layer in model.decoder.layers]
                 out.append(StageParams(stage=stage, layers=len(layers), first_layer=min(layers, default=0),
                                        params=total, replicated=replicated, linear=linear, vocab=vocab,
-                                       padded_vocab_size=model.maspo_spec.padded_vocab_size))
+                                       padded_vocab_size=model.maspo_spec.padded_vocab_size, expert=expert))
             finally:
                 ps.destroy_model_parallel()
                 dist.destroy_process_group()
@@ -347,23 +365,38 @@ def _recompute(cfg) -> tuple[str | None, str, int]:
     return gran, method, n
 
 
+def moe_layer_activation_bytes(tokens: float, *, hidden: int, ffn: int, topk: int, etp: int,
+                               act_bytes: int = 2) -> float:
+    """An estimate of what one MoE layer's experts keep for backward on a rank (module docstring):
+    each token reaches ``topk`` experts; an expert-TP group computes the tokens routed to its
+    experts (``tokens * topk`` when balanced), each rank ``ffn / etp`` of the SwiGLU widths."""
+    return act_bytes * tokens * topk * (3 * ffn / etp + 2 * hidden)
+
+
 def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_gib: float = RESERVE_GIB
                       ) -> list[RankMemory]:
     """The terms of each pipeline stage's ranks (stages with equal terms merged)."""
     p = cfg.parallel
     tp, pp, cp = p.tp, p.pp, p.cp
+    etp = p.etp if p.etp is not None else tp
+    edp = tp * cp * dp // (p.ep * etp)  # the expert-data-parallel size (megatron's expert layout)
     fp32 = cfg.model.dtype == "fp32"
     pbytes = 4 if fp32 else 2
-    per = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=dp,
-                                    distributed=cfg.actor.optimizer.use_distributed_optimizer)
+    distributed = cfg.actor.optimizer.use_distributed_optimizer
+    per = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=dp, distributed=distributed)
+    per_expert = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=edp, distributed=distributed)
     tokens = micro_batch_tokens(cfg)
     t_rank = tokens / cp
     sp = cfg.model.sequence_parallel and tp > 1
     s = tp if sp else 1
     h = arch.hidden_size
-    layer = layer_activation_bytes(t_rank, hidden=h, ffn=arch.ffn_hidden_size, heads=arch.num_attention_heads,
-                                   kv_heads=arch.num_query_groups, head_dim=arch.head_dim, tp=tp,
-                                   sequence_parallel=sp, act_bytes=pbytes)
+    moe = arch.moe
+    layer = layer_activation_bytes(t_rank, hidden=h, ffn=0 if moe else arch.ffn_hidden_size,
+                                   heads=arch.num_attention_heads, kv_heads=arch.num_query_groups,
+                                   head_dim=arch.head_dim, tp=tp, sequence_parallel=sp, act_bytes=pbytes)
+    if moe:
+        layer += moe_layer_activation_bytes(t_rank, hidden=h, ffn=moe.ffn_hidden_size, topk=moe.topk, etp=etp,
+                                            act_bytes=pbytes)
     gran, method, n_rec = _recompute(cfg)
     if gran == "selective":
         layer -= 4 * t_rank * arch.num_attention_heads / tp  # the core attention's softmax stats
@@ -378,10 +411,15 @@ def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_
     for st in stages:
         in_flight = min(pp - st.stage, seqs_per_dp)
         n = st.params
+        optim, how = per["optimizer"] * n, optim_how
+        if st.expert:
+            optim = per["optimizer"] * (n - st.expert) + per_expert["optimizer"] * st.expert
+            how = (f"{optim_how}; the {_sci(st.expert)} expert params (E/EP{p.ep}, expert TP{etp}) "
+                   f"{per_expert['optimizer']:g} B each (expert DP {edp})")
         terms = [
             Term(f"parameters ({dtype})", per["params"] * n, f"{per['params']:g} B x {_sci(n)} params"),
             Term("gradients (fp32 grad buffer)", per["grads"] * n, "4 B x params (megatron DDP, not sharded)"),
-            Term("optimizer state", per["optimizer"] * n, optim_how),
+            Term("optimizer state", optim, how),
         ]
         if cfg.model.fp8:
             terms.append(Term("FP8 weight copies (TE)", 2 * st.linear,
@@ -441,7 +479,11 @@ def sglang_weight_params(arch, tp: int) -> int:
     h, f, e = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q = arch.num_attention_heads // tp
     kv = arch.num_query_groups // tp if arch.num_query_groups >= tp else 1
-    layer = h * e * (q + 2 * kv) + q * e * h + 3 * h * f // tp + 2 * h
+    if arch.moe:  # every expert on every server, its widths over TP; the router replicated
+        mlp = arch.moe.num_experts * (3 * h * arch.moe.ffn_hidden_size // tp + h)
+    else:
+        mlp = 3 * h * f // tp
+    layer = h * e * (q + 2 * kv) + q * e * h + mlp + 2 * h
     if arch.qkv_bias:
         layer += e * (q + 2 * kv)
     if arch.qk_layernorm:
@@ -508,11 +550,13 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
     hf = hf_config_from(hf_config)
     arch = get_family(hf).arch_config(hf)
     if stages is None:
-        stages = count_stage_params(hf, p.tp, p.pp, cp=p.cp,
+        stages = count_stage_params(hf, p.tp, p.pp, cp=p.cp, ep=p.ep, etp=p.etp,
                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
     ranks = train_rank_memory(cfg, arch, stages, dp=dp, reserve_gib=reserve_gib)
     gran, method, n_rec = _recompute(cfg)
-    layout = f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp} = {train_gpus} GPUs"
+    layout = (f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp}"
+              + (f" (EP{p.ep}, expert TP{p.etp if p.etp is not None else p.tp})" if arch.moe else "")
+              + f" = {train_gpus} GPUs")
     notes = [f"training {layout}; micro-batch {micro_batch_tokens(cfg)} tokens; recompute "
              f"{gran or 'none'}{f' ({method}, {n_rec} layer)' if gran == 'full' else ''}; sequence parallel "
              f"{'on' if cfg.model.sequence_parallel and p.tp > 1 else 'off'}; {cfg.model.dtype}"
@@ -616,6 +660,7 @@ __all__ = [
     "hf_config_from",
     "kv_bytes_per_token",
     "layer_activation_bytes",
+    "moe_layer_activation_bytes",
     "optimizer_bytes_per_param",
     "plan_memory",
     "plan_recipe",

@@ -1,8 +1,9 @@
 """Build this rank's megatron-core model chunk from a Hugging Face ``config.json``.
 
-Supported: the dense decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE
-scaling, Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm): RMSNorm, SwiGLU MLP, RoPE,
-grouped-query attention, tied or untied embeddings.
+Supported: the decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE scaling,
+Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm, Qwen3-MoE with expert parallelism):
+RMSNorm, SwiGLU MLP or MoE layer, RoPE, grouped-query attention, tied or untied embeddings. The
+family supplies the MLP's ``TransformerConfig`` fields and the layer spec.
 
 **Why GPTModel and not HybridModel.** megatron-core 0.19 logs "GPTModel IS DEPRECATED" and points
 to ``HybridModel``. We still build ``GPTModel`` deliberately, because in 0.19 HybridModel
@@ -105,6 +106,10 @@ def make_model_spec(
     hf_config = load_hf_config(hf_config_or_path)
     family = get_family(hf_config)
     arch = family.arch_config(hf_config)
+    stray = sorted(k for k in (config_overrides or {}) if k.startswith("moe_"))
+    if arch.moe is None and stray:
+        raise ValueError(f"{stray} set for {family.name}, which is not a mixture-of-experts model "
+                         "(model.moe_aux_loss_coeff / model.transformer_overrides)")
     if getattr(parallel, "vpp", None):
         raise NotImplementedError("virtual pipeline stages (parallel.vpp) are not supported by build_model")
     actual = (parallel_state.get_tensor_model_parallel_world_size(),
