@@ -56,7 +56,9 @@ def build_moe(tp: int, pp: int, *, replay: bool, recompute: bool = False, initia
             full = full_tensor(sh.key, sh.global_shape)
             sh.data.copy_(full[local_view(sh)].reshape(sh.data.shape))
     # What the actor reads of a model built by maspo_megatron.megatron.model.build_model.
-    model.maspo_spec = types.SimpleNamespace(transformer_config=config, use_te=False, vocab_size=VOCAB)
+    # (arch.moe=None: no family built it, so the actor's per-family MoE metrics stay off.)
+    model.maspo_spec = types.SimpleNamespace(transformer_config=config, use_te=False, vocab_size=VOCAB,
+                                             arch=types.SimpleNamespace(moe=None))
     return model
 
 
@@ -245,13 +247,15 @@ def test_sequence_parallel_ranks_get_their_share_of_the_sequence():
     hidden_order = routes.transpose(0, 1)  # [L, N, ...]: how [s, b, h] flattens
     tp = 2
     for rank in range(tp):
+        chunk = torch.nn.Module()
         replay = RoutingReplay.__new__(RoutingReplay)
         replay.routers = [(layer, RouterReplay()) for layer in range(LAYERS)]
+        replay._by_chunk = {id(chunk): replay.routers}
         replay.num_layers, replay.topk, replay.sp_rank, replay.sp_size = LAYERS, TOPK, rank, tp
-        replay.set_micro_batch(routes)
+        replay.set_micro_batch(routes, chunk)
         share = hidden_order.chunk(tp, 0)[rank].reshape(-1, LAYERS, TOPK)
         for layer, r in replay.routers:
             assert torch.equal(r.target_topk_idx, share[:, layer].long())
     replay.sp_size = 3
     with pytest.raises(ValueError, match="do not split over 3"):
-        replay.set_micro_batch(routes)
+        replay.set_micro_batch(routes, chunk)

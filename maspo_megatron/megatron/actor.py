@@ -472,16 +472,16 @@ class Actor:
             micro = next(data_iterator)
             if replay is None:
                 return self._forward(model, micro, entropy), partial(loss_func, micro)
-            replay.set_micro_batch(micro["routes"])
+            replay.set_micro_batch(micro["routes"], model)
             output = self._forward(model, micro, entropy)
             if forward_only:
                 return output, partial(loss_func, micro)
             if not self.is_last_stage:  # the stage output's backward starts this micro-batch's
-                return replay.enter_backward(output), partial(loss_func, micro)
+                return replay.enter_backward(output, model), partial(loss_func, micro)
 
             def replayed_loss(m, out):  # on the last stage the loss's backward does
                 loss, metrics = loss_func(m, out)
-                return replay.enter_backward(loss), metrics
+                return replay.enter_backward(loss, model), metrics
 
             return output, partial(replayed_loss, micro)
 

@@ -6,8 +6,10 @@ A model built with ``TransformerConfig.moe_enable_routing_replay=True`` gives ev
 gating weights keep their gradient); in ``REPLAY_BACKWARD`` it pops the oldest indices it was
 given, which is what an activation-recompute forward inside backward needs, micro-batch by
 micro-batch in forward order. Megatron itself never switches between the two: :class:`RoutingReplay`
-does, per micro-batch and per pipeline stage (each stage has the routers of the layers it holds;
-a router's ``layer_number`` is global and 1-based, so it picks its layer of the routes).
+does, per micro-batch, per pipeline stage and per model chunk (each holds the routers of its
+layers; a router's ``layer_number`` is global and 1-based, so it picks its layer of the routes).
+The switch to ``REPLAY_BACKWARD`` is an identity on the chunk's output (the loss on the last
+stage), whose backward runs before anything upstream of it, recompute included.
 
 Routes come as ``[n, L, layers, topk]`` per micro-batch, aligned with its ``[n, L]`` token ids
 (``SequenceBatch.routed_experts``); every position holds ``topk`` distinct valid experts (tokens
@@ -40,16 +42,19 @@ def replay_routers(model_chunks) -> list[tuple[int, object]]:
 
 class _EnterBackwardReplay(torch.autograd.Function):
     """Identity (a copy: megatron frees stage outputs and refuses views) whose backward switches
-    the routers to ``REPLAY_BACKWARD`` before any recompute of the same micro-batch runs."""
+    a chunk's routers to ``REPLAY_BACKWARD`` before any recompute of the same micro-batch runs."""
 
     @staticmethod
-    def forward(ctx, x, replay):
-        ctx.replay = replay
+    def forward(ctx, x, routers):
+        ctx.routers = routers
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.replay.set_action("backward")
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for _, replay in ctx.routers:
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
         return grad, None
 
 
@@ -60,6 +65,10 @@ class RoutingReplay:
         from megatron.core import parallel_state as ps
 
         self.routers = replay_routers(model_chunks)
+        # Per model chunk (as the schedule hands it to forward_step, wrappers included): with
+        # virtual pipeline stages a forward must feed, and a backward switch, only its chunk's
+        # routers, or the others' backward queues would get extra entries.
+        self._by_chunk: dict[int, list] = {}
         self.num_layers, self.topk = num_layers, topk
         # Under sequence parallelism each TP rank's router sees its own contiguous share of the
         # sequence dimension (megatron's scatter_to_sequence_parallel_region splits dim 0 evenly).
@@ -77,8 +86,14 @@ class RoutingReplay:
             raise ValueError(f"routed_experts has shape {tuple(routes.shape)}, expected {want} "
                              "(sequences, tokens, layers, topk)")
 
-    def set_micro_batch(self, routes: torch.Tensor) -> None:
-        """Routes ``[n, L, layers, topk]`` (or packed ``[1, T, ...]``) of the next forward."""
+    def _routers_of(self, chunk) -> list:
+        key = id(chunk)
+        if key not in self._by_chunk:
+            self._by_chunk[key] = replay_routers([chunk])
+        return self._by_chunk[key]
+
+    def set_micro_batch(self, routes: torch.Tensor, chunk) -> None:
+        """Routes ``[n, L, layers, topk]`` (or packed ``[1, T, ...]``) of ``chunk``'s next forward."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         seq = routes.transpose(0, 1)  # [L, n, ...]: the [s, b] order the router flattens
@@ -89,21 +104,13 @@ class RoutingReplay:
             share = seq.shape[0] // self.sp_size
             seq = seq[self.sp_rank * share:(self.sp_rank + 1) * share]
         tokens = seq.reshape(-1, self.num_layers, self.topk)
-        for layer, replay in self.routers:
+        for layer, replay in self._routers_of(chunk):
             replay.set_target_indices(tokens[:, layer].to(torch.long))
             replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
-    def set_action(self, which: str) -> None:
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        action = {"forward": RouterReplayAction.REPLAY_FORWARD,
-                  "backward": RouterReplayAction.REPLAY_BACKWARD}[which]
-        for _, replay in self.routers:
-            replay.set_router_replay_action(action)
-
-    def enter_backward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (a stage output or a loss) wrapped so its backward starts backward replay."""
-        return _EnterBackwardReplay.apply(x, self)
+    def enter_backward(self, x: torch.Tensor, chunk) -> torch.Tensor:
+        """``x`` (``chunk``'s output or loss) wrapped so its backward starts backward replay."""
+        return _EnterBackwardReplay.apply(x, self._routers_of(chunk))
 
     def clear(self) -> None:
         """Forgets every route and action (after each pass: no route outlives its batch)."""
