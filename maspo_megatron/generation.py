@@ -72,6 +72,11 @@ class RolloutConfig:
     waits until they are finished), ``continue`` (paused by retraction, then continued under the
     new weights; each token's version is the server's record) or ``abort`` (aborted, and
     sampled again from the start under the new weights)."""
+    routing_replay: bool = False
+    """Routing replay (R3) for MoE models: the servers return each token's routed experts and
+    the trainer's routers use them in the old-log-prob and train passes (launched servers get
+    the engine's flag; attached ``server_urls`` must have been started with it). Refused for a
+    dense model, and with a router (sglang-router 0.3.2 drops the request field)."""
 
     def __post_init__(self):
         get_backend(self.engine)  # raises naming the valid engines
@@ -90,11 +95,32 @@ class RolloutConfig:
             raise ValueError("rollout.num_servers must be >= 1 (or give rollout.server_urls)")
         if not self.watch_interval_s > 0:
             raise ValueError(f"rollout.watch_interval_s must be > 0, got {self.watch_interval_s}")
+        if self.routing_replay and (self.use_router or self.router_url):
+            # Found by running it: sglang-router 0.3.2 parses /generate into its own request type,
+            # which has no return_routed_experts, so the servers never see it.
+            raise ValueError(
+                "rollout.routing_replay=True needs rollout.use_router=False and no rollout.router_url: "
+                "sglang-router 0.3.2 drops return_routed_experts from /generate requests, so no routes "
+                "would come back; without a router the client spreads requests over the servers itself")
 
     def server_spec(self, model_path: str) -> ServerSpec:
+        extra = get_backend(self.engine).routing_replay_args() if self.routing_replay else []
         return ServerSpec(model_path=model_path, tp_size=self.sglang_tp, device=self.device,
                           dtype=self.dtype, mem_fraction_static=self.mem_fraction_static,
-                          max_total_tokens=self.max_total_tokens)
+                          max_total_tokens=self.max_total_tokens, extra_args=extra)
+
+
+def routing_replay_shape(model_path: str) -> tuple[int, int]:
+    """``(layers, topk)`` of the routes an MoE model's rollouts carry (HF ``config.json``:
+    ``num_hidden_layers``, ``num_experts_per_tok``); ValueError for a dense model."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)
+    if not hf.get("num_experts_per_tok"):
+        raise ValueError(f"rollout.routing_replay=True needs an MoE model, but {model_path} is dense "
+                         f"(its config.json has no num_experts_per_tok; architectures "
+                         f"{hf.get('architectures')}); set rollout.routing_replay=False")
+    return int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"])
 
 
 @dataclass
@@ -118,6 +144,8 @@ class RolloutGroup:
     the server sent no per-token record; ``answered`` then holds the version it answered with)."""
     answered: list[str | None] = field(default_factory=list)
     """Per sample, the server's weight version when it answered."""
+    routed_experts: list = field(default_factory=list)
+    """Per sample (routing replay only): int32 ``[prompt + output - 1, layers, topk]``."""
 
 
 class RolloutEngine:
@@ -159,7 +187,8 @@ class RolloutEngine:
         self._generation = {u: 0 for u in self._order}  # restarts: a new weight-update group each
         self._down_since: dict[str, float] = {}
         self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size,
-                                    describe=self.describe, outage=self.outage)
+                                    describe=self.describe, outage=self.outage,
+                                    routes=routing_replay_shape(model_path) if cfg.routing_replay else None)
         if cfg.client.read_server_limits:  # each server kept at its own limit; a router at their sum
             limits = {u: self.backend.max_running_requests(u) for u in self.servers.urls}
             self.client.set_limits(limits if gen_urls == self.servers.urls else {gen_urls[0]: sum(limits.values())})
@@ -347,6 +376,7 @@ class RolloutEngine:
                 versions=[s.token_versions for s in chunk], answered=[s.weight_version for s in chunk],
                 rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
                 errors=[r.error for r in res], timeouts=[r.timeout for r in res],
+                routed_experts=[s.routed_experts for s in chunk] if self.cfg.routing_replay else [],
             ))
         return groups
 

@@ -61,6 +61,7 @@ from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, o
 from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
+from maspo_megatron.megatron.routing_replay import filler_routes
 from maspo_megatron.megatron.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -74,6 +75,7 @@ from maspo_megatron.generation import (
     RolloutGroup,
     check_reward_failures,
     rollout_stats,
+    routing_replay_shape,
 )
 from maspo_megatron.rollout.backend import WeightSyncError
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
@@ -345,8 +347,13 @@ def _console(step: int, total: int, m: dict, elapsed: float, steps_here: int) ->
 # ----------------------------------------------------------------------------- batches
 
 
-def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_truncated: bool) -> SequenceBatch:
-    """Right-padded prompt+response ids with per-token response masks and advantages."""
+def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_truncated: bool,
+                routes: tuple[int, int] | None = None) -> SequenceBatch:
+    """Right-padded prompt+response ids with per-token response masks and advantages.
+
+    ``routes``: ``(layers, topk)`` under routing replay: every sample must carry its routed
+    experts (``[prompt + output - 1, layers, topk]``); a missing or misshapen one is an error
+    naming the sample, never a silent fallback to the trainer's own routing."""
     rows = [(g.prompt_ids, out, lp, fin) for g in groups
             for out, lp, fin in zip(g.outputs, g.logprobs, g.finish)]
     length = max(len(p) + len(o) for p, o, _, _ in rows)
@@ -362,10 +369,25 @@ def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_trunc
         if not (mask_truncated and fin == "length"):
             mask[i, len(p): len(p) + len(o)] = True
         rollout_lp[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    routed = None
+    if routes is not None:
+        routed = filler_routes((n, length), *routes)  # the last token and the padding
+        i = 0
+        for g in groups:
+            got = g.routed_experts or [None] * len(g.outputs)
+            for j, (out, r) in enumerate(zip(g.outputs, got)):
+                want = (len(g.prompt_ids) + len(out) - 1, *routes)
+                if r is None or tuple(r.shape) != want:
+                    raise ValueError(
+                        f"routing replay: sample {j} of prompt {g.prompt_index} has routed experts "
+                        f"{None if r is None else tuple(r.shape)}, expected {want} (tokens - 1, layers, "
+                        "topk): the rollout's routes did not reach training")
+                routed[i, : want[0]] = r
+                i += 1
     return SequenceBatch(
         input_ids=ids, lengths=lengths, response_mask=mask,
         advantages=advantages.reshape(-1).float(),
-        rollout_logprobs=rollout_lp,
+        rollout_logprobs=rollout_lp, routed_experts=routed,
     )
 
 
@@ -436,6 +458,7 @@ class Trainer:
         self.last_checkpoint: int | None = None
         self._prefetch: _Background | None = None  # rank 0: the next step's rollout, in flight
         self._prefetch_cursor: dict | None = None  # the data cursor before it drew its prompts
+        self.routes: tuple[int, int] | None = None  # (layers, topk) under routing replay
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -457,10 +480,15 @@ class Trainer:
             # A run resumed under another TP must rebuild the vocabulary padding it saved.
             vocab_multiple = vocab_multiple_for(self._ckpt_dir(), cfg.parallel.tp)
 
+        overrides = cfg.model.megatron_overrides()
+        if cfg.rollout.routing_replay:
+            self.routes = routing_replay_shape(cfg.model.path)  # refuses a dense model, naming the key
+            overrides["moe_enable_routing_replay"] = True
+
         def hf_model():
             chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
                                  make_vocab_size_divisible_by=vocab_multiple,
-                                 config_overrides=cfg.model.megatron_overrides())
+                                 config_overrides=overrides)
             load_hf_checkpoint(chunks, cfg.model.path)
             return chunks
 
@@ -637,7 +665,7 @@ class Trainer:
                     lengths = torch.tensor([[len(o) for o in g.outputs] for g in groups])
                     rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
                 adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
-                batch = build_batch(groups, adv, cfg.algorithm.mask_truncated)
+                batch = build_batch(groups, adv, cfg.algorithm.mask_truncated, self.routes)
         have = [batch is not None and len(batch) >= self.actor.dp_size]
         dist.broadcast_object_list(have, src=0)
         t_rollout = time.perf_counter() - t0

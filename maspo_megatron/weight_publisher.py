@@ -66,8 +66,9 @@ class WeightProof:
 
     def check(self, actor, client, urls: list[str], version) -> dict[str, float]:
         """Raises :class:`WeightProofError` on every rank when any server disagrees."""
-        # Untempered on both sides: the engine's prompt log-probs are log_softmax(logits).
-        ours, _ = actor.compute_logprobs(self.batch(), temperature=1.0)
+        # Untempered on both sides: the engine's prompt log-probs are log_softmax(logits). The
+        # probe has no rollout routes: an MoE model routes with its own router on both sides.
+        ours, _ = actor.compute_logprobs(self.batch(), temperature=1.0, replay=False)
         ours = ours[:, 1:]
         verdict = [None, {}]
         if dist.get_rank() == 0:

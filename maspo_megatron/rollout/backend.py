@@ -92,6 +92,9 @@ class GenerateOutput:
     the engine sent none)."""
     input_logprobs: list[float | None] | None = None  # prompt log-probs, when asked for
     meta_info: dict[str, Any] = field(default_factory=dict)
+    routed_experts: torch.Tensor | None = None
+    """Routing replay: int32 ``[prompt + output - 1, layers, topk]``, the experts the engine routed
+    each token to, in forward order (the last output token is never forwarded), when asked for."""
 
 
 class ProtocolError(ValueError):
@@ -210,13 +213,19 @@ class RolloutBackend(abc.ABC):
     def check_model(self, spec: ServerSpec, hf_config: dict) -> None:
         """Raises ValueError when the engine cannot serve this model with this spec."""
 
+    def routing_replay_args(self) -> list[str]:
+        """Server arguments that make it return routed experts (routing replay)."""
+        raise NotImplementedError(f"rollout engine {self.name!r} cannot return routed experts")
+
     health_path: str = "/health"
 
     # ---------------------------------------------------------------- generation
     generate_path: str = "/generate"
 
     @abc.abstractmethod
-    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams) -> dict: ...
+    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams,
+                         routed_experts: bool = False) -> dict:
+        """``routed_experts``: also ask for every token's routed experts (routing replay)."""
 
     @abc.abstractmethod
     def score_request(self, sequences: Sequence[Sequence[int]]) -> dict:
@@ -224,7 +233,10 @@ class RolloutBackend(abc.ABC):
         every sequence (a single prefill batch: the probe of every weight sync's proof)."""
 
     @abc.abstractmethod
-    def parse_generate(self, body: Any, expected: int, want_logprobs: bool) -> list[GenerateOutput]: ...
+    def parse_generate(self, body: Any, expected: int, want_logprobs: bool,
+                       routes: tuple[int, int] | None = None) -> list[GenerateOutput]:
+        """``routes``: ``(layers, topk)`` when the request asked for routed experts (each output
+        must then carry them, that shape per token)."""
 
     @abc.abstractmethod
     def parse_score(self, body: Any, lengths: Sequence[int]) -> list[list[float]]:

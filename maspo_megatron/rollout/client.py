@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import aiohttp
+import torch
 
 from maspo_megatron.rollout.backend import (
     GenerateOutput, ProtocolError, RolloutBackend, SamplingParams, get_backend,
@@ -103,6 +104,8 @@ class Sample:
     token_versions: list[str] | None  # per output token, the version it was sampled under (engine's record)
     server: str
     attempts: int
+    routed_experts: torch.Tensor | None = None
+    """Routing replay: int32 ``[len(prompt_ids) + len(output_ids) - 1, layers, topk]``."""
 
 
 class RolloutError(RuntimeError):
@@ -128,7 +131,7 @@ class RolloutClient:
                  api_key: str | None = None, accepted_weight_versions: Sequence[str] | None = None,
                  backend: RolloutBackend | str = "sglang", vocab_size: int | None = None,
                  describe: Callable[[str], str] | None = None,
-                 outage: Callable[[], str] | None = None):
+                 outage: Callable[[], str] | None = None, routes: tuple[int, int] | None = None):
         if not urls:
             raise ValueError("RolloutClient needs at least one server or router URL")
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
@@ -147,6 +150,9 @@ class RolloutClient:
         # server is up (e.g. which one is restarting) when samples time out waiting.
         self.describe = describe or (lambda url: url)
         self.outage = outage
+        # Routing replay: (layers, topk) of the MoE model. Every request then asks for its
+        # routed experts, and a sample whose answer lacks them (or has another shape) fails.
+        self.routes = routes
         self._lock = threading.Lock()  # mark_down/up come from the server-watch thread
         self._down_until: dict[str, float] = {}
         self._inflight = {u: 0 for u in self.urls}
@@ -224,16 +230,23 @@ class RolloutClient:
         except ValueError as e:
             raise RolloutError(f"{url} sent a response that is not JSON: {text[:500]!r}") from e
 
-    async def _generate_one(self, session, url: str, payload: dict) -> GenerateOutput:
+    async def _generate_one(self, session, url: str, payload: dict, req: RolloutRequest) -> GenerateOutput:
         body = await self._post(session, url, payload)
         try:
-            return self.backend.parse_generate(body, 1, True)[0]
+            out = self.backend.parse_generate(body, 1, True, self.routes)[0]
         except ProtocolError as e:
-            raise RolloutError(f"{url} sent a malformed generate response: {e}") from e
+            raise RolloutError(f"sample {req.index}: {url} sent a malformed generate response: {e}") from e
+        if out.routed_experts is not None:
+            want = (len(req.input_ids) + len(out.output_ids) - 1, *self.routes)
+            if tuple(out.routed_experts.shape) != want:
+                raise RolloutError(f"sample {req.index}: {url} returned routed experts of shape "
+                                   f"{tuple(out.routed_experts.shape)}, expected {want} (tokens - 1, "
+                                   "layers, topk)")
+        return out
 
     async def _one(self, session, req: RolloutRequest, on_done: Callable[[], None]) -> Sample:
         cfg = self.config
-        payload = self.backend.generate_request(req.input_ids, req.sampling)
+        payload = self.backend.generate_request(req.input_ids, req.sampling, routed_experts=self.routes is not None)
         avoid = None
         for attempt in range(1, cfg.max_attempts + 1):
             url = self._pick(avoid)
@@ -247,7 +260,7 @@ class RolloutClient:
                 await asyncio.sleep(min(cfg.down_cooldown_s, 0.5))
                 url = self._pick(avoid)
             try:
-                out = await self._generate_one(session, url, payload)
+                out = await self._generate_one(session, url, payload, req)
                 if out.finish_reason == "abort":
                     raise _Retryable(f"{self.describe(url)} aborted the request: "
                                      f"{out.finish_detail.get('message', out.finish_detail)}")
@@ -271,7 +284,8 @@ class RolloutClient:
                 self._release(url)
             on_done()
             return Sample(req.index, list(req.input_ids), out.output_ids, out.output_logprobs,
-                          out.finish_reason, out.weight_version, out.token_versions, url, attempt)
+                          out.finish_reason, out.weight_version, out.token_versions, url, attempt,
+                          out.routed_experts)
         raise AssertionError("unreachable")
 
     def _warn_retry(self, url: str, index: int, attempt: int, error: Exception) -> None:
