@@ -371,3 +371,89 @@ def test_moe_formula_refuses_layouts_by_key():
         memory.moe_stage_params(arch, moe, tp=4, pp=2, ep=3)
     with pytest.raises(ValueError, match="num_key_value_heads=4 is not divisible by parallel.tp=8"):
         memory.moe_stage_params(arch, moe, tp=8, pp=2, ep=8)
+
+
+def moe_arch_with_experts(values: dict):
+    """The ArchConfig fields plus ``moe``, as the Qwen3-MoE family's ArchConfig carries them."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    arch, moe = moe_arch(values)
+    return SimpleNamespace(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, moe=moe)
+
+
+@pytest.mark.parametrize("recipe", list(MOE_RECIPE_MODEL))
+def test_moe_recipes_declare_the_real_config(recipe):
+    declared, real = recipe_module(recipe).HF_CONFIG, MOE_MODELS[MOE_RECIPE_MODEL[recipe]]
+    assert {k: declared[k] for k in real} == real
+
+
+def test_sglang_moe_weights_at_tp1_are_the_hf_count():
+    for name, values in MOE_MODELS.items():
+        arch = moe_arch_with_experts(values)
+        assert memory.sglang_weight_params(arch, 1) == MOE_PUBLISHED[name], name
+        # TP8 (the 235B recipe's servers): every expert split 8 ways, router and norms whole, one
+        # of the 4 KV heads per GPU.
+        h, e, f, n = values["hidden_size"], 128, values["moe_intermediate_size"], values["num_experts"]
+        layer = h * e * (values["num_attention_heads"] // 8 + 2) + values["num_attention_heads"] // 8 * e * h \
+            + n * (3 * h * f // 8 + h) + 2 * h + 2 * e
+        want = values["num_hidden_layers"] * layer + 2 * (values["vocab_size"] // 8) * h + h
+        assert memory.sglang_weight_params(arch, 8) == want
+
+
+def test_expert_state_is_sharded_over_expert_dp_and_the_rest_over_dp():
+    """The 30B recipe's rank (TP2 x EP8 x ETP1 on 16 GPUs: DP 8, expert DP 2): bf16 weights, fp32
+    gradients, and the distributed optimizer's 12 B per parameter over DP for the dense part but
+    over expert DP for the experts (megatron's expert-data-parallel group, world / (pp ep etp))."""
+    cfg = load_recipe("maspo_qwen3_30b_a3b")
+    arch = moe_arch_with_experts(MOE_MODELS["qwen3-30b-a3b"])
+    (st,) = memory.moe_stage_params(arch, arch.moe, tp=2, pp=1, ep=8, etp=1)
+    assert st.expert == 48 * 16 * 3 * 2048 * 768  # 16 whole experts per layer
+    (rank,) = memory.train_rank_memory(cfg, arch, [st], dp=8)
+    t = {term.name: term.bytes for term in rank.terms}
+    dense = st.params - st.expert
+    assert (t["parameters (bf16)"], t["gradients (fp32 grad buffer)"], t["optimizer state"]) == \
+        (2 * dense, 4 * dense, 12 / 8 * dense)
+    assert (t["expert parameters (bf16)"], t["expert gradients (fp32)"], t["expert optimizer state"]) == \
+        (2 * st.expert, 4 * st.expert, 12 / 2 * st.expert)
+    assert rank.ranks == 16
+
+
+def test_moe_activations_count_the_routed_tokens():
+    """One MoE layer keeps, per routed token copy (top-k of the rank's tokens, balanced), the
+    gathered fc1 input (etp x h), fc1 output (2f), SwiGLU output (f) and the returned expert
+    output (h); the router's fp32 logits per token and fp32 probabilities per copy. The attention
+    part is the dense formula's."""
+    from types import SimpleNamespace
+
+    moe = SimpleNamespace(num_experts=128, topk=8, ffn_hidden_size=768)
+    kw = dict(hidden=2048, ffn=6144, heads=32, kv_heads=4, head_dim=128, tp=2, sequence_parallel=True)
+    T = 22528
+    dense = memory.layer_activation_bytes(T, **kw)
+    attention = dense - 2 * T * 3 * 6144 / 2
+    for etp in (1, 2):
+        t_in = T / 2
+        want = attention + 2 * 8 * t_in * (etp * 2048 + 3 * 768 + 2048) + 4 * t_in * 128 + 4 * 8 * t_in
+        assert memory.layer_activation_bytes(T, **kw, moe=moe, etp=etp) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("recipe", list(MOE_RECIPE_MODEL))
+def test_moe_recipe_plans_fit_80gb(recipe):
+    """Through the family (``arch.moe``) as ``maspo-megatron plan`` runs it: the recipe's layout
+    fits 80 GiB on every GPU, with the expert terms the largest of the training ranks."""
+    plan = plan_of(recipe)
+    assert plan.fits, plan.format()
+    for rank in plan.ranks:
+        if rank.role.startswith("train"):
+            assert rank.dominant.name == "expert optimizer state", plan.format()
+    assert "EP8" in plan.notes[0] and "expert DP 2" in plan.notes[0]
+
+
+def test_moe_layouts_megatron_refuses_are_named():
+    with pytest.raises(memory.MemoryPlanError, match="needs model.sequence_parallel=true"):
+        plan_of("maspo_qwen3_30b_a3b", "model.sequence_parallel=false")
+    with pytest.raises(memory.MemoryPlanError, match="num_experts=128 is not divisible by parallel.ep=3"):
+        plan_of("maspo_qwen3_235b_a22b", "parallel.ep=3", train_gpus=192)
+    # 8 nodes for the 235B: expert DP 1, the unsharded expert optimizer state leaves no headroom.
+    tight = plan_of("maspo_qwen3_235b_a22b", train_gpus=64)
+    assert "expert DP 1" in tight.notes[0]

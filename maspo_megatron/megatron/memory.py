@@ -21,6 +21,32 @@ into ``linear_qkv``/``linear_fc1`` under other names). About 0.1 s per stage at 
 megatron's import. ``tests/test_plan.py`` checks the counts against Hugging Face's models built
 from the real config.json values (Llama-3.1-70B, Qwen2.5-72B, R1-Distill-Qwen 1.5B/7B/14B).
 
+MoE (``ArchConfig.moe`` set: Qwen3-MoE)
+--------------------------------------
+Parameters come from :func:`moe_stage_params`, a formula for megatron-core's MoE layout per rank
+(checked equal to the ``numel`` of its GPTModel with the local MoE spec, built per rank at
+several TP x EP x ETP x PP layouts, and to HF's Qwen3-MoE at one rank, ``tests/test_plan.py``):
+attention, norms, embedding and output layer as for a dense model (over TP, layers over PP);
+the router (experts x h) whole on every rank; each layer's experts split into ``ep`` groups of
+whole experts, each expert's fc1/fc2 over expert TP ``etp`` (``parallel.etp``, None = TP).
+Expert parameters get their own three terms: megatron reduces their gradients, and its
+distributed optimizer shards their state, over the expert-data-parallel group of size
+e_d = world / (pp x ep x etp) instead of DP; so the expert optimizer state is 12/e_d B per
+expert parameter (bf16). Activations: the MLP part of a layer is replaced by, with T_in = T/s the
+tokens a rank routes, k the top-k and f the expert width, and routing assumed balanced (each EP
+rank's experts receive k x T_in token copies; dropless routing under a skewed router sends more
+to some ranks, which this cannot know):
+
+      b*k*T_in*(etp*h + 3f + h) + 4*T_in*E + 4*k*T_in    (the copies' fc1 input, gathered over
+                                                          expert TP; fc1 and SwiGLU outputs; the
+                                                          expert output back for the probability
+                                                          weighting; fp32 router logits and
+                                                          routing probabilities)
+
+The all-to-all send/receive buffers are transient (each about one of these tensors) and not
+counted. SGLang's MoE weights follow its default layout (no ``--ep-size``): every expert split
+over the server's TP ranks, the router replicated.
+
 Training terms (per rank; N = the rank's parameter count, d = data-parallel size)
 ---------------------------------------------------------------------------------
 - parameters: N x 2 B (bf16; 4 B in fp32).
