@@ -379,7 +379,7 @@ def moe_arch_with_experts(values: dict):
     from types import SimpleNamespace
 
     arch, moe = moe_arch(values)
-    return SimpleNamespace(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, moe=moe)
+    return SimpleNamespace(**{**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, "moe": moe})
 
 
 @pytest.mark.parametrize("recipe", list(MOE_RECIPE_MODEL))
