@@ -89,6 +89,10 @@ class ModelConfig:
     """Megatron sequence parallelism (needs TP > 1; GPU)."""
     recompute_granularity: str | None = None
     """Activation recomputation: ``full`` or ``selective``; None keeps activations."""
+    moe_aux_loss_coeff: float | None = None
+    """Mixture-of-experts models: coefficient of the load-balancing loss (megatron's per-layer
+    ``aux_loss``) added to the objective; None: the checkpoint's ``router_aux_loss_coef``; 0
+    turns it off. Rejected for dense models."""
     transformer_overrides: dict = field(default_factory=dict)
     """Any other megatron ``TransformerConfig`` fields, as JSON on the command line."""
 
@@ -101,6 +105,10 @@ class ModelConfig:
             raise ValueError(f"model.fp8_recipe must be delayed/tensorwise/blockwise/mxfp8, got {self.fp8_recipe!r}")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError("model.recompute_granularity must be None, 'full' or 'selective'")
+        if self.moe_aux_loss_coeff is not None and not (
+                isinstance(self.moe_aux_loss_coeff, (int, float)) and 0 <= self.moe_aux_loss_coeff < math.inf):
+            raise ValueError(f"model.moe_aux_loss_coeff must be None or a finite number >= 0, "
+                             f"got {self.moe_aux_loss_coeff!r}")
 
     def megatron_overrides(self) -> dict:
         """TransformerConfig fields this config sets beyond the HF translation."""
@@ -116,6 +124,8 @@ class ModelConfig:
             out.update(recompute_granularity=self.recompute_granularity)
             if self.recompute_granularity == "full":
                 out.update(recompute_method="uniform", recompute_num_layers=1)
+        if self.moe_aux_loss_coeff is not None:
+            out.update(moe_aux_loss_coeff=float(self.moe_aux_loss_coeff))
         out.update(self.transformer_overrides)
         return out
 

@@ -311,8 +311,13 @@ class Actor:
         self.optimizer = self.scheduler = None
         self.model = model_chunks
         self.steps = 0
+        self.moe_metrics = None
         if trainable:
             self._setup_training(model_chunks)
+            if self.spec.arch.moe is not None:
+                from maspo_megatron.megatron.moe_metrics import MoeMetrics
+
+                self.moe_metrics = MoeMetrics(self.model)
         else:
             for chunk in model_chunks:
                 chunk.requires_grad_(False)
@@ -541,9 +546,13 @@ class Actor:
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.moe_metrics is not None:
+                self.moe_metrics.start()
             reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
                                          forward_only=False, entropy=True)
             metrics = self._reduce_metrics(reduced)
+            if self.moe_metrics is not None:
+                metrics.update(self.moe_metrics.finish(len(micro)))
             metrics["response_tokens"] = float(batch.response_mask[index].sum())
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from maspo_megatron.megatron.families import ArchConfig, Family, get_family
 
@@ -106,6 +105,10 @@ def make_model_spec(
     hf_config = load_hf_config(hf_config_or_path)
     family = get_family(hf_config)
     arch = family.arch_config(hf_config)
+    stray = sorted(k for k in (config_overrides or {}) if k.startswith("moe_"))
+    if arch.moe is None and stray:
+        raise ValueError(f"{stray} set for {family.name}, which is not a mixture-of-experts model "
+                         "(model.moe_aux_loss_coeff / model.transformer_overrides)")
     if getattr(parallel, "vpp", None):
         raise NotImplementedError("virtual pipeline stages (parallel.vpp) are not supported by build_model")
     actual = (parallel_state.get_tensor_model_parallel_world_size(),
@@ -115,23 +118,19 @@ def make_model_spec(
                          f"initialised parallel state tp={actual[0]}, pp={actual[1]}")
     if arch.num_layers % parallel.pp:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pp={parallel.pp}")
-    for name, count in (("num_attention_heads", arch.num_attention_heads),
-                        ("intermediate_size", arch.ffn_hidden_size)):
-        if count % parallel.tp:
-            raise ValueError(f"config.json {name}={count} is not divisible by tp={parallel.tp}")
+    if arch.num_attention_heads % parallel.tp:
+        raise ValueError(f"config.json num_attention_heads={arch.num_attention_heads} is not divisible "
+                         f"by tp={parallel.tp}")
     if use_te is None:
         use_te = te_available()
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
@@ -152,6 +151,7 @@ def make_model_spec(
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
         apply_rope_fusion=use_te,
+        **family.transformer_fields(arch, parallel),
     )
     kwargs.update(config_overrides or {})
     tf_config = TransformerConfig(**kwargs)
@@ -166,17 +166,6 @@ def make_model_spec(
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )
-
-
-def _layer_spec(spec: ModelSpec):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    if spec.use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.arch.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=spec.arch.qk_layernorm, normalization="RMSNorm")
 
 
 def _rope_kwargs(arch: ArchConfig) -> dict[str, Any]:
@@ -225,7 +214,7 @@ def build_model(
     arch = spec.arch
     model = GPTModel(
         config=spec.transformer_config,
-        transformer_layer_spec=_layer_spec(spec),
+        transformer_layer_spec=spec.family.layer_spec(arch, spec.use_te),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=spec.pre_process,
