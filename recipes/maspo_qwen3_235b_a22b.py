@@ -26,9 +26,11 @@ Layout [R], for 8x H100 80GB nodes (``maspo-megatron plan --recipe maspo_qwen3_2
   replicates the 4 KV heads to 8): 73.0 of 80 GiB. 4 nodes would put 16 requests of 22.5k tokens
   on a server, whose KV cache no longer fits next to the weights (81.1 GiB).
 
-MoE settings: megatron's dropless alltoall dispatcher, router in fp32, the checkpoint's
-load-balancing loss coefficient (``router_aux_loss_coef`` 0.001) unless the config overrides it
-(the MoE branch adds the key). Not set here because the keys do not exist on this branch yet
+MoE settings (``families/moe.py``): megatron's dropless alltoall dispatcher, softmax router
+in fp32 with top-k renormalisation (the checkpoint's ``norm_topk_prob``), load-balancing aux loss
+at the checkpoint's ``router_aux_loss_coef`` 0.001 (``model.moe_aux_loss_coeff`` None keeps it;
+MASPO's sources say nothing about MoE; slime's Qwen3-MoE model scripts (``scripts/models/``) use 0: an option, not
+the default here). Not set here because the keys do not exist on this branch yet
 (the integrator wires them):
 - routing replay (branch ``replay``): recommended on for MoE RL; without it the trainer's router
   may pick other experts than SGLang's did for the same token (importance-ratio noise);
