@@ -26,9 +26,9 @@ Layout [R], for 8x H100 80GB nodes (``maspo-megatron plan --recipe maspo_qwen3_3
 
 MoE settings (``families/moe.py``): megatron's dropless alltoall dispatcher, softmax router
 in fp32 with top-k renormalisation (the checkpoint's ``norm_topk_prob``), load-balancing aux loss
-at the checkpoint's ``router_aux_loss_coef`` 0.001 (``model.moe_aux_loss_coeff`` None keeps it;
-MASPO's sources say nothing about MoE; slime's Qwen3-MoE model scripts (``scripts/models/``) use 0: an option, not
-the default here). Not set here because the keys do not exist on this branch yet
+at the checkpoint's ``router_aux_loss_coef`` 0.001 (``model.moe_aux_loss_coeff`` None keeps it).
+MASPO's sources say nothing about MoE; slime's Qwen3-MoE model scripts (``scripts/models/``)
+use 0: an option, not the default here. Not set because the keys do not exist on this branch yet
 (the integrator wires them):
 - routing replay (branch ``replay``): recommended on for MoE RL; without it the trainer's router
   may pick other experts than SGLang's did for the same token, which shows up as importance-ratio
