@@ -180,3 +180,46 @@ def test_aux_loss_coefficient_config():
                         num_attention_heads=4, architectures=["LlamaForCausalLM"])
     with pytest.raises(ValueError, match="moe_aux_loss_coeff.*not a mixture-of-experts"):
         build_model(dense, None, config_overrides=ModelConfig(moe_aux_loss_coeff=0.1).megatron_overrides())
+
+
+# Qwen/Qwen3-30B-A3B config.json (architecture fields): 128 experts, top-8, 30.5B parameters.
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     hidden_act="silu", tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def test_memory_plan_counts_one_expert_parallel_ranks_experts():
+    from test_plan import hf_meta_model
+
+    from maspo_megatron.megatron import memory
+    from maspo_megatron.megatron.families import get_family
+
+    total = sum(p.numel() for p in hf_meta_model(QWEN3_30B_A3B).parameters())
+    assert 30.4e9 < total < 30.6e9  # the published 30.5B
+    hf = memory.hf_config_from(QWEN3_30B_A3B)
+    arch = get_family(hf).arch_config(hf)
+    experts_per_layer = 128 * 3 * 2048 * 768
+    stages = memory.moe_stage_params(arch, arch.moe, tp=1, pp=2, ep=8)
+    assert [s.expert for s in stages] == [24 * experts_per_layer // 8] * 2
+    # 151936 is a multiple of 128: no vocabulary padding at TP=1. Every EP rank holds 1/8 of the experts.
+    assert sum(s.params - s.expert for s in stages) + 8 * sum(s.expert for s in stages) == total
+    stages_tp2 = memory.moe_stage_params(arch, arch.moe, tp=2, pp=1, ep=4)  # expert TP follows TP
+    assert stages_tp2[0].expert == 48 * experts_per_layer // 4 // 2
+    assert memory.sglang_weight_params(arch, 1) == total
+
+    # Training terms at PP2 x DP8 with EP8 (expert DP 1): dense parameters' optimizer state is
+    # sharded over DP 8, the experts' over expert DP 1 (not at all).
+    from maspo_megatron.cli import recipe_module
+    from maspo_megatron.config import apply_overrides
+
+    cfg = apply_overrides(recipe_module("maspo_r1_distill_7b").build(),
+                          ["parallel.tp=1", "parallel.pp=2", "parallel.ep=8"])
+    plan = memory.plan_memory(cfg, QWEN3_30B_A3B, train_gpus=16, rollout_gpus=0, stages=stages)
+    first = {t.name: t for t in plan.ranks[0].terms}
+    s0 = stages[0]
+    assert first["optimizer state"].bytes == pytest.approx(12 * (s0.params - s0.expert) / 8)
+    assert first["expert optimizer state"].bytes == pytest.approx(12 * s0.expert)
+    assert "expert DP 1" in first["expert optimizer state"].how and "EP8" in plan.format()
