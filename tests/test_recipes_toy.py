@@ -17,7 +17,8 @@ to exist and to name them.
 Cost: server start-ups dominate (real SGLang: 16-60 s each on an idle 2-core machine), so one
 server per toy model is started for the module and every recipe with that toy model attaches to
 it (``rollout.server_urls``): the three R1-Distill toys are one Qwen2 model, the Llama-3 toy
-another, so two servers start for four runs.
+another, the two Qwen3-MoE toys one each (2 and 4 layers: PP1 and PP2), so four servers start
+for six runs.
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ def test_recipe_runs_two_steps_at_toy_scale(name, assets_dir, shared_servers, tm
     for m in metrics:
         assert math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]), m
         assert m["actor/skipped_steps"] == 0 and m["actor/response_tokens"] > 0, m
+        if name in MOE_RECIPES:  # the MoE path ran: router metrics, and the synced weights proven
+            assert m["actor/moe/aux_loss"] > 0 and m["actor/moe/load_imbalance_worst"] >= 1, m
+            assert "sync/proof_max_abs_diff" in m, m
     with open(os.path.join(run_dir, "config.json")) as f:
         ran = json.load(f)
     # The run used the recipe's method settings, not defaults.
