@@ -223,3 +223,17 @@ def test_memory_plan_counts_one_expert_parallel_ranks_experts():
     assert first["optimizer state"].bytes == pytest.approx(12 * (s0.params - s0.expert) / 8)
     assert first["expert optimizer state"].bytes == pytest.approx(12 * s0.expert)
     assert "expert DP 1" in first["expert optimizer state"].how and "EP8" in plan.format()
+
+def test_router_modes_differ_on_these_models(tmp_path):
+    """The parity above tells the two router mappings apart: the same weights routed with and
+    without renormalised top-k probabilities give clearly different log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(100)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    make_checkpoint(tiny_moe_config(), tmp_path, seed=10)
+    lps = []
+    for norm in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, norm_topk_prob=norm).eval()
+        lps.append(hf_logprobs(model, ids))
+    assert (lps[0] - lps[1]).abs().max() > 1e-2

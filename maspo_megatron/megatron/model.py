@@ -1,8 +1,9 @@
 """Build this rank's megatron-core model chunk from a Hugging Face ``config.json``.
 
-Supported: the dense decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE
-scaling, Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm): RMSNorm, SwiGLU MLP, RoPE,
-grouped-query attention, tied or untied embeddings.
+Supported: the decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE scaling,
+Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm, Qwen3-MoE with expert parallelism):
+RMSNorm, SwiGLU MLP or MoE layer, RoPE, grouped-query attention, tied or untied embeddings. The
+family supplies the MLP's ``TransformerConfig`` fields and the layer spec.
 
 **Why GPTModel and not HybridModel.** megatron-core 0.19 logs "GPTModel IS DEPRECATED" and points
 to ``HybridModel``. We still build ``GPTModel`` deliberately, because in 0.19 HybridModel
