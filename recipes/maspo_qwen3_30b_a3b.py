@@ -9,17 +9,17 @@ experts; 30.5B parameters, 3.3B active per token). Qwen3-30B-A3B's context is 40
 than the 2048 + 20480 used here.
 
 Layout [R], for 8x H100 80GB nodes (``maspo-megatron plan --recipe maspo_qwen3_30b_a3b``):
-- training: 2 nodes, TP2 x PP1 x EP8 with expert TP 1 (``parallel.etp=1``), sequence parallelism
-  (megatron's MoE layer refuses TP > 1 without it) and full recompute; DP 8, expert DP 2.
-  The experts are 95% of the parameters, so EP decides the memory: EP8 puts 16 experts per
-  layer on a GPU (3.6B expert parameters; their optimizer state is sharded over expert DP 2).
-  Expert TP 1 keeps each expert's 768-wide GEMMs whole and needs no TP collective inside the
-  expert layer; TP2 halves the attention/embedding shards and the 22.5k-token activations and
-  logits. The plan: 59.9 of 80 GiB per GPU (expert optimizer state 20.3 GiB the largest term).
-  The EP all-to-all spans the two nodes (EP8 x ETP1 over 16 ranks). One node does not fit:
-  TP2 leaves DP4, too few for EP8, and TP1 x EP8 needs 95.5 GiB (expert DP 1: 40.5 GiB of expert
-  optimizer state, 12.8 GiB of unsharded logits). Expert TP 2 (``parallel.etp=2``) plans at 50.1
-  GiB, at the cost of a TP collective in every expert layer and 384-wide expert GEMMs.
+- training: 2 nodes, TP2 x PP1 x EP8 with expert TP 2 (``parallel.etp`` None follows TP),
+  sequence parallelism (megatron's MoE layer refuses TP > 1 without it) and full recompute;
+  DP 8, expert DP 1. The experts are 95% of the parameters, so EP and expert TP decide the
+  memory: EP8 puts 16 experts per layer on a GPU, expert TP 2 halves each (1.8B expert
+  parameters per GPU), and TP2 halves the attention/embedding shards and the 22.5k-token
+  activations and logits. The plan: 50.1 of 80 GiB per GPU (expert optimizer state 20.3 GiB,
+  unsharded at expert DP 1, the largest term). The EP all-to-all spans the two nodes (EP8 x
+  ETP2 over 16 ranks). Expert TP 1 (whole 768-wide expert GEMMs, no TP collective inside the
+  expert layer; 59.9 GiB) would be the faster choice, but this project's weight sync refuses
+  ``parallel.etp != parallel.tp`` with EP. One node does not fit: TP2 leaves DP4, too few for
+  EP8, and TP1 x EP8 needs 95.5 GiB (40.5 GiB of expert optimizer state, 12.8 GiB of logits).
 - rollouts: 1 node, 4 SGLang servers at TP2 (28 GiB of bf16 weights per GPU; SGLang splits every
   expert over its TP ranks).
 - PP1: 48 layers would also split into PP2/PP4 stages, not needed at this size.
@@ -61,7 +61,7 @@ HF_CONFIG = dict(
 def build() -> TrainerConfig:
     return maspo_math_config(
         model=ModelConfig(dtype="bf16", sequence_parallel=True, recompute_granularity="full"),
-        parallel=ParallelConfig(tp=2, pp=1, ep=8, etp=1),
+        parallel=ParallelConfig(tp=2, pp=1, ep=8),
         sglang_tp=2,
         output_dir="outputs/maspo_qwen3_30b_a3b",
     )

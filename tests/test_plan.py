@@ -402,10 +402,11 @@ def test_sglang_moe_weights_at_tp1_are_the_hf_count():
 
 
 def test_expert_state_is_sharded_over_expert_dp_and_the_rest_over_dp():
-    """The 30B recipe's rank (TP2 x EP8 x ETP1 on 16 GPUs: DP 8, expert DP 2): bf16 weights, fp32
-    gradients, and the distributed optimizer's 12 B per parameter over DP for the dense part but
-    over expert DP for the experts (megatron's expert-data-parallel group, world / (pp ep etp))."""
-    cfg = load_recipe("maspo_qwen3_30b_a3b")
+    """The 30B recipe at expert TP 1 (TP2 x EP8 x ETP1 on 16 GPUs: DP 8, expert DP 2): bf16
+    weights, fp32 gradients, and the distributed optimizer's 12 B per parameter over DP for the
+    dense part but over expert DP for the experts (megatron's expert-data-parallel group,
+    world / (pp ep etp))."""
+    cfg = apply_overrides(load_recipe("maspo_qwen3_30b_a3b"), ["parallel.etp=1"])
     arch = moe_arch_with_experts(MOE_MODELS["qwen3-30b-a3b"])
     (st,) = memory.moe_stage_params(arch, arch.moe, tp=2, pp=1, ep=8, etp=1)
     assert st.expert == 48 * 16 * 3 * 2048 * 768  # 16 whole experts per layer
@@ -446,7 +447,8 @@ def test_moe_recipe_plans_fit_80gb(recipe):
     for rank in plan.ranks:
         if rank.role.startswith("train"):
             assert rank.dominant.name == "expert optimizer state", plan.format()
-    assert "EP8" in plan.notes[0] and "expert DP 2" in plan.notes[0]
+    want = {"maspo_qwen3_30b_a3b": "EP8 x ETP2 x expert DP 1", "maspo_qwen3_235b_a22b": "EP8 x ETP4 x expert DP 2"}
+    assert want[recipe] in plan.notes[0]
 
 
 def test_moe_layouts_megatron_refuses_are_named():

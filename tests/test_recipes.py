@@ -86,9 +86,8 @@ def test_moe_recipe_layout_fits_its_experts(name):
     world = module.TRAIN_NODES * module.GPUS_PER_NODE
     etp = p.etp or p.tp
     assert p.ep > 1 and hf["num_experts"] % p.ep == 0 and hf["moe_intermediate_size"] % etp == 0
-    # megatron's expert grid (pp x ep x etp) tiles the world; expert DP > 1 shards the experts'
-    # optimizer state (the dominant term of both plans).
-    assert world % (p.pp * p.ep * etp) == 0 and world // (p.pp * p.ep * etp) >= 2
+    # megatron's expert grid (pp x ep x etp) tiles the world; the weight sync needs etp == tp.
+    assert world % (p.pp * p.ep * etp) == 0 and etp == p.tp
     # megatron's MoE layer refuses TP > 1 without sequence parallelism in training.
     assert p.tp == 1 or cfg.model.sequence_parallel
     # What the toy and the converter implement: every layer MoE, no dense-only layers.
