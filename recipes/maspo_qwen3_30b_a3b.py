@@ -30,9 +30,10 @@ at the checkpoint's ``router_aux_loss_coef`` 0.001 (``model.moe_aux_loss_coeff``
 MASPO's sources say nothing about MoE; slime's Qwen3-MoE model scripts (``scripts/models/``)
 use 0: an option, not the default here. Not set because the keys do not exist on this branch yet
 (the integrator wires them):
-- routing replay (branch ``replay``): recommended on for MoE RL; without it the trainer's router
-  may pick other experts than SGLang's did for the same token, which shows up as importance-ratio
-  noise that MASPO's trust region then has to absorb.
+- routing replay: recommended on for MoE RL (``rollout.routing_replay=true``, from branch
+  ``replay``, with ``rollout.use_router=false``: sglang-router 0.3.2 drops the routed-experts
+  request field). Without it the trainer's router may pick other experts than SGLang's did for
+  the same token, which shows up as importance-ratio noise MASPO's trust region has to absorb.
 
     python -m launch.slurm --recipe maspo_qwen3_30b_a3b --train-nodes 2 --rollout-nodes 1 ... \
         model.path=/models/Qwen3-30B-A3B data.train_path=/data/train.parquet
