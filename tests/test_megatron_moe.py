@@ -199,15 +199,16 @@ def test_memory_plan_counts_one_expert_parallel_ranks_experts():
 
     total = sum(p.numel() for p in hf_meta_model(QWEN3_30B_A3B).parameters())
     assert 30.4e9 < total < 30.6e9  # the published 30.5B
+    hf = memory.hf_config_from(QWEN3_30B_A3B)
+    arch = get_family(hf).arch_config(hf)
     experts_per_layer = 128 * 3 * 2048 * 768
-    stages = memory.count_stage_params(QWEN3_30B_A3B, 1, 2, ep=8)
+    stages = memory.moe_stage_params(arch, arch.moe, tp=1, pp=2, ep=8)
     assert [s.expert for s in stages] == [24 * experts_per_layer // 8] * 2
     # 151936 is a multiple of 128: no vocabulary padding at TP=1. Every EP rank holds 1/8 of the experts.
     assert sum(s.params - s.expert for s in stages) + 8 * sum(s.expert for s in stages) == total
-    stages_tp2 = memory.count_stage_params(QWEN3_30B_A3B, 2, 1, ep=4)  # expert TP follows TP
+    stages_tp2 = memory.moe_stage_params(arch, arch.moe, tp=2, pp=1, ep=4)  # expert TP follows TP
     assert stages_tp2[0].expert == 48 * experts_per_layer // 4 // 2
-    hf = memory.hf_config_from(QWEN3_30B_A3B)
-    assert memory.sglang_weight_params(get_family(hf).arch_config(hf), 1) == total
+    assert memory.sglang_weight_params(arch, 1) == total
 
     # Training terms at PP2 x DP8 with EP8 (expert DP 1): dense parameters' optimizer state is
     # sharded over DP 8, the experts' over expert DP 1 (not at all).
@@ -219,9 +220,9 @@ def test_memory_plan_counts_one_expert_parallel_ranks_experts():
     plan = memory.plan_memory(cfg, QWEN3_30B_A3B, train_gpus=16, rollout_gpus=0, stages=stages)
     first = {t.name: t for t in plan.ranks[0].terms}
     s0 = stages[0]
-    assert first["optimizer state"].bytes == pytest.approx(12 * (s0.params - s0.expert) / 8 + 12 * s0.expert)
-    assert "expert DP 1" in first["optimizer state"].how and "EP8" in plan.format()
-
+    assert first["optimizer state"].bytes == pytest.approx(12 * (s0.params - s0.expert) / 8)
+    assert first["expert optimizer state"].bytes == pytest.approx(12 * s0.expert)
+    assert "expert DP 1" in first["expert optimizer state"].how and "EP8" in plan.format()
 
 def test_router_modes_differ_on_these_models(tmp_path):
     """The parity above tells the two router mappings apart: the same weights routed with and

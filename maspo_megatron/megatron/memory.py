@@ -21,6 +21,32 @@ into ``linear_qkv``/``linear_fc1`` under other names). About 0.1 s per stage at 
 megatron's import. ``tests/test_plan.py`` checks the counts against Hugging Face's models built
 from the real config.json values (Llama-3.1-70B, Qwen2.5-72B, R1-Distill-Qwen 1.5B/7B/14B).
 
+MoE (``ArchConfig.moe`` set: Qwen3-MoE)
+--------------------------------------
+Parameters come from :func:`moe_stage_params`, a formula for megatron-core's MoE layout per rank
+(checked equal to the ``numel`` of its GPTModel with the local MoE spec, built per rank at
+several TP x EP x ETP x PP layouts, and to HF's Qwen3-MoE at one rank, ``tests/test_plan.py``):
+attention, norms, embedding and output layer as for a dense model (over TP, layers over PP);
+the router (experts x h) whole on every rank; each layer's experts split into ``ep`` groups of
+whole experts, each expert's fc1/fc2 over expert TP ``etp`` (``parallel.etp``, None = TP).
+Expert parameters get their own three terms: megatron reduces their gradients, and its
+distributed optimizer shards their state, over the expert-data-parallel group of size
+e_d = world / (pp x ep x etp) instead of DP; so the expert optimizer state is 12/e_d B per
+expert parameter (bf16). Activations: the MLP part of a layer is replaced by, with T_in = T/s the
+tokens a rank routes, k the top-k and f the expert width, and routing assumed balanced (each EP
+rank's experts receive k x T_in token copies; dropless routing under a skewed router sends more
+to some ranks, which this cannot know):
+
+      b*k*T_in*(etp*h + 3f + h) + 4*T_in*E + 4*k*T_in    (the copies' fc1 input, gathered over
+                                                          expert TP; fc1 and SwiGLU outputs; the
+                                                          expert output back for the probability
+                                                          weighting; fp32 router logits and
+                                                          routing probabilities)
+
+The all-to-all send/receive buffers are transient (each about one of these tensors) and not
+counted. SGLang's MoE weights follow its default layout (no ``--ep-size``): every expert split
+over the server's TP ranks, the router replicated.
+
 Training terms (per rank; N = the rank's parameter count, d = data-parallel size)
 ---------------------------------------------------------------------------------
 - parameters: N x 2 B (bf16; 4 B in fp32).
@@ -66,19 +92,11 @@ Training terms (per rank; N = the rank's parameter count, d = data-parallel size
   output weight, V/t x h x 4 B (``ops/fused_linear.py``).
 - runtime reserve: CUDA context, NCCL communicators and buffers, allocator fragmentation. A flat
   estimate (``reserve_gib``, 4 GiB), not measured here.
-- mixture-of-experts models: the counted parameters are one expert-parallel rank's (E/EP
-  experts, split over expert TP); the distributed optimizer shards the expert parameters over the
-  expert-data-parallel group (d_e = t*cp*d / (EP * expert TP)) instead of d. An MoE layer's
-  activations replace the MLP term 3f/t with an estimate for balanced routing, k = top-k,
-  f_e = the expert width: b*T*k*(3*f_e/t_e + 2h) (SwiGLU of the k routed copies of every token
-  on the expert-TP group, plus the permuted expert inputs and outputs kept for the combine);
-  routing imbalance (dropless) can exceed it.
 
 SGLang terms (per GPU of one server, tensor-parallel size t_r)
 --------------------------------------------------------------
 - weights: bf16 (``rollout.dtype`` or the model's), counted analytically from the architecture
-  as SGLang shards it: attention and MLP weights (every expert of an MoE, each split over t_r;
-  the router replicated) and the vocabulary over t_r, norms replicated,
+  as SGLang shards it: attention and MLP weights and the vocabulary over t_r, norms replicated,
   KV heads replicated when there are fewer than t_r (SGLang's rule). At t_r = 1 this is the HF
   parameter count (tested).
 - KV cache: 2 (k and v) x layers x KV heads per GPU x head size x 2 B per token, for
@@ -137,7 +155,8 @@ class StageParams:
     """Of which word-embedding / output-layer rows (padded vocabulary / TP, times h)."""
     padded_vocab_size: int
     expert: int = 0
-    """Of which MoE expert weights: this expert-parallel rank's experts, split over expert TP."""
+    """Of which expert weights (MoE): this EP rank's experts, split over expert TP. The
+    distributed optimizer shards them over the expert-data-parallel group, not DP."""
 
 
 def hf_config_from(values: Any):
@@ -167,13 +186,11 @@ def _quiet():
             logging.disable(level)
 
 
-def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1, ep: int = 1, etp: int | None = None,
+def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1,
                        make_vocab_size_divisible_by: int = 128) -> list[StageParams]:
     """Builds each pipeline stage's model chunk on the meta device and counts its parameters.
 
     See the module docstring for how (a single-process ``fake`` process group, no weights).
-    With expert parallelism the world has ``ep`` data-parallel replicas so that the chunk holds
-    one expert-parallel rank's experts (all EP ranks hold equally many).
     Needs a process where torch.distributed is not initialised (the CLI, a launcher, a test).
     """
     import torch
@@ -192,30 +209,24 @@ def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1, ep: int
         if ps.model_parallel_is_initialized():
             raise RuntimeError("count_stage_params needs a process without megatron's parallel state")
         hf = hf_config_from(hf_config)
-        dp = ep  # the smallest data-parallel size expert parallelism fits in (ep | dp * cp)
-        world = tp * pp * cp * dp
+        world = tp * pp * cp
         out = []
         for stage in range(pp):
-            rank = stage * tp * cp * dp  # megatron's default order tp-cp-ep-dp-pp: pp outermost
+            rank = stage * tp * cp  # megatron's default order tp-cp-ep-dp-pp: pp outermost
             dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
             try:
                 ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp, expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
+                                             context_parallel_size=cp, create_gloo_process_groups=False)
                 assert (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()) == (stage, 0)
-                # The MoE alltoall dispatcher makes a CUDA stream at construction (never used here).
-                with torch.device("meta"), mock.patch("torch.cuda.is_available", return_value=False), \
-                        mock.patch("torch.cuda.Stream", lambda *a, **k: None):
-                    (chunk,) = build_model(hf, ParallelConfig(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp), use_te=False,
+                with torch.device("meta"), mock.patch("torch.cuda.is_available", return_value=False):
+                    (chunk,) = build_model(hf, ParallelConfig(tp=tp, pp=pp, cp=cp), use_te=False,
                                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                                            config_overrides=dict(perform_initialization=False))
                 model = unwrap_model(chunk)
-                total = replicated = linear = vocab = expert = 0
+                total = replicated = linear = vocab = 0
                 for name, p in model.named_parameters():
                     n = p.numel()
                     total += n
-                    if ".mlp.experts." in name:
-                        expert += n
                     if not getattr(p, "tensor_model_parallel", False):
                         replicated += n
                     if name.startswith("decoder.layers.") and name.endswith(LINEAR_WEIGHTS):
@@ -225,10 +236,58 @@ def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1, ep: int
                 layers = [layer.layer_number - 1 for layer in model.decoder.layers]
                 out.append(StageParams(stage=stage, layers=len(layers), first_layer=min(layers, default=0),
                                        params=total, replicated=replicated, linear=linear, vocab=vocab,
-                                       padded_vocab_size=model.maspo_spec.padded_vocab_size, expert=expert))
+                                       padded_vocab_size=model.maspo_spec.padded_vocab_size))
             finally:
                 ps.destroy_model_parallel()
                 dist.destroy_process_group()
+    return out
+
+
+def moe_stage_params(arch, moe, *, tp: int, pp: int, ep: int = 1, etp: int | None = None,
+                     make_vocab_size_divisible_by: int = 128) -> list[StageParams]:
+    """Parameters of each pipeline stage's chunk on one rank of an MoE model (module docstring,
+    "MoE"): every decoder layer an MoE layer of ``moe.num_experts`` SwiGLU experts of width
+    ``moe.ffn_hidden_size`` and a bias-free router, no shared experts. ``arch`` is the family's
+    :class:`ArchConfig` (attention, norms, vocabulary); ``etp`` None follows ``tp``.
+
+    A formula, not a built model, because the per-rank count is needed for layouts of hundreds
+    of GPUs; ``tests/test_plan.py`` checks it equals the ``numel`` of megatron-core's GPTModel
+    (local MoE spec) built per rank at several TP x EP x ETP x PP layouts.
+    """
+    from maspo_megatron.megatron.model import padded_vocab_size
+
+    etp = tp if etp is None else etp
+    h, e, q, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
+    n_exp, f = moe.num_experts, moe.ffn_hidden_size
+    for key, count, size, by in (("num_attention_heads", q, tp, "parallel.tp"),
+                                 ("num_key_value_heads", g, tp, "parallel.tp"),
+                                 ("num_hidden_layers", arch.num_layers, pp, "parallel.pp"),
+                                 ("num_experts", n_exp, ep, "parallel.ep"),
+                                 ("moe_intermediate_size", f, etp, "parallel.etp (None: parallel.tp)")):
+        if count % size:
+            raise ValueError(f"config.json {key}={count} is not divisible by {by}={size}")
+    qkv = h * (q + 2 * g) * e // tp
+    proj = q * e * h // tp
+    experts = n_exp // ep * 3 * h * f // etp  # fc1 (gate and up, 2f/etp x h) + fc2 (h x f/etp) each
+    norms = 2 * h + (2 * e if arch.qk_layernorm else 0)  # input/pre-MLP norms (+ q/k norms)
+    router = n_exp * h  # replicated over TP: every rank routes its own tokens
+    bias = (q + 2 * g) * e // tp if arch.qkv_bias else 0
+    padded = padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    vocab = padded * h // tp
+    layers = arch.num_layers // pp
+    out = []
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        # Tied embeddings: one matrix when one stage holds both ends, else the last stage keeps
+        # its own copy as output_layer (megatron's shared embedding).
+        n_vocab = vocab * (first + (last and not (arch.tie_word_embeddings and pp == 1)))
+        per_layer = qkv + bias + proj + experts + norms + router
+        out.append(StageParams(
+            stage=stage, layers=layers, first_layer=stage * layers,
+            params=layers * per_layer + n_vocab + (h if last else 0),
+            replicated=layers * (norms + router) + (h if last else 0),
+            linear=layers * (qkv + proj + experts), vocab=n_vocab, padded_vocab_size=padded,
+            expert=layers * experts))
     return out
 
 
@@ -245,16 +304,26 @@ def optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, dp: int, dis
 
 def layer_activation_bytes(tokens: int, *, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
                            tp: int, sequence_parallel: bool, act_bytes: int = 2, glu: bool = True,
-                           flash: bool = True, seq_len: int | None = None, dropout_masks: bool = False) -> float:
+                           flash: bool = True, seq_len: int | None = None, dropout_masks: bool = False,
+                           moe=None, etp: int | None = None) -> float:
     """Bytes one decoder layer keeps for backward for a micro-batch of ``tokens`` (module docstring).
 
     ``glu=False, flash=False, dropout_masks=True`` is GPT-3's layer as in Korthikanti et al.
     (``seq_len`` is then needed for the attention scores: ``tokens / seq_len`` sequences).
+    ``moe`` (``num_experts``, ``topk``, ``ffn_hidden_size``) replaces the dense MLP by an MoE
+    layer with expert TP ``etp`` (None: ``tp``), assuming balanced routing (module docstring).
     """
     s = tp if sequence_parallel else 1
     qe, ge = heads * head_dim, kv_heads * head_dim
-    mlp = 3 * ffn if glu else 2 * ffn  # fc1 output (2f for gate+up) and the activation output
-    out = act_bytes * tokens * (4 * hidden / s + (2 * qe + 2 * ge) / tp + mlp / tp)
+    if moe is None:
+        mlp = act_bytes * tokens * (3 * ffn if glu else 2 * ffn) / tp  # fc1 output (2f for gate+up), act output
+    else:
+        etp = tp if etp is None else etp
+        t_in = tokens / s  # the tokens this rank routes
+        routed = moe.topk * t_in  # token copies its experts receive, with balanced routing
+        mlp = (act_bytes * routed * (etp * hidden + 3 * moe.ffn_hidden_size + hidden)
+               + 4 * t_in * moe.num_experts + 4 * routed)
+    out = act_bytes * tokens * (4 * hidden / s + (2 * qe + 2 * ge) / tp) + mlp
     if dropout_masks:
         out += 2 * tokens * hidden / s  # two hidden-dropout masks, 1 B per element
     if flash:
@@ -365,38 +434,26 @@ def _recompute(cfg) -> tuple[str | None, str, int]:
     return gran, method, n
 
 
-def moe_layer_activation_bytes(tokens: float, *, hidden: int, ffn: int, topk: int, etp: int,
-                               act_bytes: int = 2) -> float:
-    """An estimate of what one MoE layer's experts keep for backward on a rank (module docstring):
-    each token reaches ``topk`` experts; an expert-TP group computes the tokens routed to its
-    experts (``tokens * topk`` when balanced), each rank ``ffn / etp`` of the SwiGLU widths."""
-    return act_bytes * tokens * topk * (3 * ffn / etp + 2 * hidden)
-
-
 def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_gib: float = RESERVE_GIB
                       ) -> list[RankMemory]:
     """The terms of each pipeline stage's ranks (stages with equal terms merged)."""
     p = cfg.parallel
     tp, pp, cp = p.tp, p.pp, p.cp
-    etp = p.etp if p.etp is not None else tp
-    edp = tp * cp * dp // (p.ep * etp)  # the expert-data-parallel size (megatron's expert layout)
     fp32 = cfg.model.dtype == "fp32"
     pbytes = 4 if fp32 else 2
-    distributed = cfg.actor.optimizer.use_distributed_optimizer
-    per = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=dp, distributed=distributed)
-    per_expert = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=edp, distributed=distributed)
+    per = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=dp,
+                                    distributed=cfg.actor.optimizer.use_distributed_optimizer)
     tokens = micro_batch_tokens(cfg)
     t_rank = tokens / cp
     sp = cfg.model.sequence_parallel and tp > 1
     s = tp if sp else 1
     h = arch.hidden_size
-    moe = arch.moe
-    layer = layer_activation_bytes(t_rank, hidden=h, ffn=0 if moe else arch.ffn_hidden_size,
-                                   heads=arch.num_attention_heads, kv_heads=arch.num_query_groups,
-                                   head_dim=arch.head_dim, tp=tp, sequence_parallel=sp, act_bytes=pbytes)
-    if moe:
-        layer += moe_layer_activation_bytes(t_rank, hidden=h, ffn=moe.ffn_hidden_size, topk=moe.topk, etp=etp,
-                                            act_bytes=pbytes)
+    moe = getattr(arch, "moe", None)
+    etp = p.etp or tp
+    edp = dp * tp * cp // (p.ep * etp)  # megatron's expert-data-parallel size: world / (pp x ep x etp)
+    layer = layer_activation_bytes(t_rank, hidden=h, ffn=arch.ffn_hidden_size, heads=arch.num_attention_heads,
+                                   kv_heads=arch.num_query_groups, head_dim=arch.head_dim, tp=tp,
+                                   sequence_parallel=sp, act_bytes=pbytes, moe=moe, etp=etp)
     gran, method, n_rec = _recompute(cfg)
     if gran == "selective":
         layer -= 4 * t_rank * arch.num_attention_heads / tp  # the core attention's softmax stats
@@ -404,28 +461,37 @@ def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_
     seqs_per_dp = max(1, cfg.prompts_per_step * cfg.rollout.n_samples // cfg.actor.num_mini_batches // dp)
     dtype = "fp32" if fp32 else "bf16"
     state = "Adam m, v" if fp32 else "fp32 main + Adam m, v"
+    distributed = cfg.actor.optimizer.use_distributed_optimizer
     optim_how = f"{per['optimizer']:g} B x params" + (
         f" ({state} = {per['optimizer'] * dp:g} B / DP {dp})"
-        if cfg.actor.optimizer.use_distributed_optimizer else " (not sharded: distributed optimizer off)")
+        if distributed else " (not sharded: distributed optimizer off)")
+    per_expert = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=edp, distributed=distributed)
+    expert_optim_how = f"{per_expert['optimizer']:g} B x expert params" + (
+        f" ({state} = {per_expert['optimizer'] * edp:g} B / expert DP {edp})"
+        if distributed else " (not sharded: distributed optimizer off)")
     groups: dict[tuple, tuple[list[StageParams], list[Term]]] = {}
     for st in stages:
         in_flight = min(pp - st.stage, seqs_per_dp)
-        n = st.params
-        optim, how = per["optimizer"] * n, optim_how
-        if st.expert:
-            optim = per["optimizer"] * (n - st.expert) + per_expert["optimizer"] * st.expert
-            how = (f"{optim_how}; the {_sci(st.expert)} expert params (E/EP{p.ep}, expert TP{etp}) "
-                   f"{per_expert['optimizer']:g} B each (expert DP {edp})")
+        n, n_exp = st.params - st.expert, st.expert
         terms = [
-            Term(f"parameters ({dtype})", per["params"] * n, f"{per['params']:g} B x {_sci(n)} params"),
+            Term(f"parameters ({dtype})", per["params"] * n, f"{per['params']:g} B x {_sci(n)} params"
+                 + (" (all but the experts)" if n_exp else "")),
             Term("gradients (fp32 grad buffer)", per["grads"] * n, "4 B x params (megatron DDP, not sharded)"),
-            Term("optimizer state", optim, how),
+            Term("optimizer state", per["optimizer"] * n, optim_how),
         ]
+        if n_exp:
+            terms += [
+                Term(f"expert parameters ({dtype})", per_expert["params"] * n_exp,
+                     f"{per_expert['params']:g} B x {_sci(n_exp)} params ({moe.num_experts // p.ep} of "
+                     f"{moe.num_experts} experts x {st.layers} layers, / expert TP {etp})"),
+                Term("expert gradients (fp32)", per_expert["grads"] * n_exp, "4 B x expert params (not sharded)"),
+                Term("expert optimizer state", per_expert["optimizer"] * n_exp, expert_optim_how),
+            ]
         if cfg.model.fp8:
             terms.append(Term("FP8 weight copies (TE)", 2 * st.linear,
                               f"estimate: (1 B + 1 B transpose) x {_sci(st.linear)} linear params"))
         if cfg.actor.kl_coef > 0:
-            terms.append(Term(f"reference model ({dtype})", pbytes * n, "frozen copy (actor.kl_coef > 0)"))
+            terms.append(Term(f"reference model ({dtype})", pbytes * st.params, "frozen copy (actor.kl_coef > 0)"))
         L = st.layers
         if gran == "full" and method == "uniform":
             groups_n = math.ceil(L / n_rec)
@@ -479,10 +545,11 @@ def sglang_weight_params(arch, tp: int) -> int:
     h, f, e = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q = arch.num_attention_heads // tp
     kv = arch.num_query_groups // tp if arch.num_query_groups >= tp else 1
-    if arch.moe:  # every expert on every server, its widths over TP; the router replicated
-        mlp = arch.moe.num_experts * (3 * h * arch.moe.ffn_hidden_size // tp + h)
-    else:
+    moe = getattr(arch, "moe", None)
+    if moe is None:
         mlp = 3 * h * f // tp
+    else:  # SGLang's default MoE layout (no --ep-size): every expert split over TP, router replicated
+        mlp = moe.num_experts * (3 * h * moe.ffn_hidden_size // tp + h)
     layer = h * e * (q + 2 * kv) + q * e * h + mlp + 2 * h
     if arch.qkv_bias:
         layer += e * (q + 2 * kv)
@@ -549,14 +616,23 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
     dp = p.validate(train_gpus)
     hf = hf_config_from(hf_config)
     arch = get_family(hf).arch_config(hf)
-    if stages is None:
-        stages = count_stage_params(hf, p.tp, p.pp, cp=p.cp, ep=p.ep, etp=p.etp,
+    moe = getattr(arch, "moe", None)
+    if moe is not None:
+        _check_moe_layout(cfg, train_gpus)
+    if stages is None and moe is not None:
+        try:
+            stages = moe_stage_params(arch, moe, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp,
+                                      make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
+        except ValueError as e:
+            raise MemoryPlanError(f"the model does not fit the layout: {e}") from None
+    elif stages is None:
+        stages = count_stage_params(hf, p.tp, p.pp, cp=p.cp,
                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
     ranks = train_rank_memory(cfg, arch, stages, dp=dp, reserve_gib=reserve_gib)
     gran, method, n_rec = _recompute(cfg)
-    layout = (f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp}"
-              + (f" (EP{p.ep}, expert TP{p.etp if p.etp is not None else p.tp})" if arch.moe else "")
-              + f" = {train_gpus} GPUs")
+    layout = (f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp} = {train_gpus} GPUs"
+              + (f" (experts: EP{p.ep} x ETP{p.etp or p.tp} x expert DP "
+                 f"{train_gpus // (p.pp * p.ep * (p.etp or p.tp))})" if moe is not None else ""))
     notes = [f"training {layout}; micro-batch {micro_batch_tokens(cfg)} tokens; recompute "
              f"{gran or 'none'}{f' ({method}, {n_rec} layer)' if gran == 'full' else ''}; sequence parallel "
              f"{'on' if cfg.model.sequence_parallel and p.tp > 1 else 'off'}; {cfg.model.dtype}"
@@ -570,9 +646,28 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
         notes.append(f"rollouts: {servers} SGLang server(s) x TP{cfg.rollout.sglang_tp} = {rollout_gpus} GPUs; "
                      f"{cfg.rollout.client.max_concurrency} requests in flight in all")
     total = sum(s.params for s in stages)
-    notes.append(f"GiB = 2^30 B; parameters counted from the megatron model built per stage "
-                 f"({_sci(total)} on TP rank 0 of all stages)")
+    if moe is not None:
+        notes.append(f"MoE: {moe.num_experts} experts, top-{moe.topk}, expert width {moe.ffn_hidden_size}; "
+                     "activations assume balanced routing")
+        notes.append(f"GiB = 2^30 B; parameters from megatron's MoE layout per rank ({_sci(total)} on "
+                     "TP and EP rank 0 of all stages)")
+    else:
+        notes.append(f"GiB = 2^30 B; parameters counted from the megatron model built per stage "
+                     f"({_sci(total)} on TP rank 0 of all stages)")
     return MemoryPlan(title=title or "memory plan", gpu_gib=gpu_gib, ranks=tuple(ranks), notes=tuple(notes))
+
+
+def _check_moe_layout(cfg, world: int) -> None:
+    """What megatron-core refuses for an MoE layout, named by config key."""
+    p = cfg.parallel
+    etp = p.etp or p.tp
+    if world % (p.pp * p.ep * etp):
+        raise MemoryPlanError(f"parallel.pp x parallel.ep x parallel.etp = {p.pp} x {p.ep} x {etp} does not "
+                              f"divide the {world} training GPUs (megatron's expert-parallel grid)")
+    if p.tp > 1 and not cfg.model.sequence_parallel:
+        # megatron-core's MoELayer raises in training with TP > 1 and sequence parallelism off.
+        raise MemoryPlanError(f"parallel.tp={p.tp} with an MoE model needs model.sequence_parallel=true "
+                              "(megatron's MoE layer refuses tensor parallelism without it in training)")
 
 
 # ------------------------------------------------------------------------------ recipes
@@ -660,7 +755,7 @@ __all__ = [
     "hf_config_from",
     "kv_bytes_per_token",
     "layer_activation_bytes",
-    "moe_layer_activation_bytes",
+    "moe_stage_params",
     "optimizer_bytes_per_param",
     "plan_memory",
     "plan_recipe",
