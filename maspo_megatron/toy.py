@@ -70,7 +70,7 @@ scaling, activation, sliding window — is kept as the recipe gives it."""
 TOY_MAX_POSITIONS = 4096
 
 ROLLOUT_RECIPE_KEYS = ("n_samples", "sampling", "temperature", "top_p", "top_k", "max_new_tokens",
-                       "client", "server_urls", "router_url")
+                       "client", "server_urls", "router_url", "routing_replay")
 """``rollout`` fields that are the recipe's (sampling, group size, client retries) or the
 caller's (attached servers); every other rollout field is the machine's and comes from tiny_cpu."""
 
@@ -214,6 +214,8 @@ def shrink(cfg, *, model_path: str, train_path: str, output_dir: str,
             _set(out, f"rollout.{f.name}", copy.deepcopy(getattr(cpu.rollout, f.name)))
     _set(out, "rollout.server_urls", list(server_urls or []))
     _set(out, "rollout.router_url", None)
+    if out.rollout.routing_replay:  # the routes do not pass through sglang-router
+        _set(out, "rollout.use_router", False)
     revalidate(out)
     return out, procs
 

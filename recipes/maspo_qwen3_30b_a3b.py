@@ -28,12 +28,14 @@ MoE settings (``families/moe.py``): megatron's dropless alltoall dispatcher, sof
 in fp32 with top-k renormalisation (the checkpoint's ``norm_topk_prob``), load-balancing aux loss
 at the checkpoint's ``router_aux_loss_coef`` 0.001 (``model.moe_aux_loss_coeff`` None keeps it).
 MASPO's sources say nothing about MoE; slime's Qwen3-MoE model scripts (``scripts/models/``)
-use 0: an option, not the default here. Not set because the keys do not exist on this branch yet
-(the integrator wires them):
-- routing replay: recommended on for MoE RL (``rollout.routing_replay=true``, from branch
-  ``replay``, with ``rollout.use_router=false``: sglang-router 0.3.2 drops the routed-experts
-  request field). Without it the trainer's router may pick other experts than SGLang's did for
-  the same token, which shows up as importance-ratio noise MASPO's trust region has to absorb.
+use 0: an option, not the default here.
+
+Routing replay is on (``rollout.routing_replay``): SGLang returns each token's routed experts
+and the trainer's routers replay them in the old-log-prob and train passes. Without it the
+trainer's router may pick other experts than SGLang's did for the same token, which shows up
+as importance-ratio noise MASPO's trust region has to absorb (README, Routing replay). The
+client then spreads requests over the servers itself (``rollout.use_router=false``):
+sglang-router 0.3.2 drops the routed-experts request field.
 
     python -m launch.slurm --recipe maspo_qwen3_30b_a3b --train-nodes 2 --rollout-nodes 1 ... \
         model.path=/models/Qwen3-30B-A3B data.train_path=/data/train.parquet
@@ -64,5 +66,6 @@ def build() -> TrainerConfig:
         model=ModelConfig(dtype="bf16", sequence_parallel=True, recompute_granularity="full"),
         parallel=ParallelConfig(tp=2, pp=1, ep=8),
         sglang_tp=2,
+        routing_replay=True,
         output_dir="outputs/maspo_qwen3_30b_a3b",
     )

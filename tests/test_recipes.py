@@ -93,8 +93,10 @@ def test_moe_recipe_layout_fits_its_experts(name):
     # What the toy and the converter implement: every layer MoE, no dense-only layers.
     assert hf["decoder_sparse_step"] == 1 and hf["mlp_only_layers"] == []
     assert hf["num_experts_per_tok"] == 8 and hf["num_experts"] == 128 and hf["norm_topk_prob"] is True
+    # Routing replay on, without the router (sglang-router drops the routes).
+    assert cfg.rollout.routing_replay and not cfg.rollout.use_router
     doc = module.__doc__
-    for note in ("routing replay", "replay", "plan --recipe " + name, "_maspo_math.py"):
+    for note in ("Routing replay", "plan --recipe " + name, "_maspo_math.py"):
         assert note in doc, note
 
 
