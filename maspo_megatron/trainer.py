@@ -46,7 +46,9 @@ from maspo_megatron.algo.advantages import AdvantageConfig, group_advantages
 from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, overlong_penalty
 from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
+from maspo_megatron.algo.metrics import mean_metric
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
+from maspo_megatron.megatron.batch_share import reduce_over_dp, send_shares
 from maspo_megatron.megatron.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -320,24 +322,6 @@ def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_trunc
     )
 
 
-def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
-    """Rank 0's batch on every rank: shapes as a small object, then one tensor broadcast each."""
-    names = [f.name for f in dataclasses.fields(SequenceBatch)]
-    meta = [None]
-    if dist.get_rank() == 0:
-        meta = [{k: (tuple(v.shape), v.dtype) for k in names if (v := getattr(batch, k)) is not None}]
-    dist.broadcast_object_list(meta, src=0)
-    dev = device()
-    fields = {}
-    for k, (shape, dtype) in meta[0].items():
-        t = getattr(batch, k).to(dev) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
-        dist.broadcast(t, src=0)
-        fields[k] = t.cpu()
-    return SequenceBatch(**fields)
-
-
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -541,14 +525,19 @@ class Trainer:
             if self.is_driver:
                 print(f"step {step + 1}: no informative prompt groups; no update this step", flush=True)
             return info if self.is_driver else None
-        batch = broadcast_batch(batch)
+        # Each data-parallel rank gets only its rows, packed; the driver drops the whole batch.
+        padded_bytes = sum(v.numel() * v.element_size() for f in dataclasses.fields(SequenceBatch)
+                           if (v := getattr(batch, f.name)) is not None) if self.is_driver else 0
+        share, recv_bytes = send_shares(batch, self.actor.deal(batch.lengths) if self.is_driver else None)
+        del batch
         self.publisher.release_rollout_memory()
         t1 = time.perf_counter()
-        batch.old_logprobs, entropy = self.actor.compute_logprobs(batch, entropy=True)
+        part = share.batch
+        part.old_logprobs, entropy = self.actor.compute_logprobs(share, entropy=True)
         if self.ref is not None:
-            batch.ref_logprobs, _ = self.ref.compute_logprobs(batch)
+            part.ref_logprobs, _ = self.ref.compute_logprobs(share)
         t_logprob = time.perf_counter() - t1
-        train = self.actor.train_step(batch)
+        train = self.actor.train_step(share)
         t2 = time.perf_counter()
         if train["skipped_steps"] > 0:
             self.bad_steps += 1
@@ -559,23 +548,33 @@ class Trainer:
                       flush=True)
         else:
             self.bad_steps = 0
+        share_metrics = self._share_metrics(part, entropy, recv_bytes)
         sync = self._sync(step + 1)
         t3 = time.perf_counter()
         if not self.is_driver:
             return None
-        mask = batch.response_mask
-        gap = (batch.old_logprobs - batch.rollout_logprobs)[mask] if batch.rollout_logprobs is not None else None
         metrics = {
             **info,
             **{f"actor/{k}": v for k, v in train.items()},
-            "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
+            **share_metrics, "batch/padded_bytes": float(padded_bytes),
             "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
             "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
             **sync,
         }
-        if gap is not None:
-            metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
         return metrics
+
+    def _share_metrics(self, part: SequenceBatch, entropy: torch.Tensor, recv_bytes: int) -> dict[str, float]:
+        """Metrics of the whole batch from every DP rank's share (reduced, not gathered), and
+        the most bytes any rank received for its share. Collective: every rank calls it."""
+        mask = part.response_mask
+        local = {"actor/entropy_old": mean_metric(entropy, mask)}
+        if part.rollout_logprobs is not None:
+            local["mismatch/logprob_abs_diff"] = mean_metric((part.old_logprobs - part.rollout_logprobs).abs(), mask)
+        out = reduce_over_dp(local)
+        most = torch.tensor([float(recv_bytes)], dtype=torch.float64, device=device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out["batch/recv_bytes_max"] = float(most)
+        return out
 
     # --------------------------------------------------------------------- collective rollouts
     def _command(self, cmd=None):
