@@ -2,7 +2,9 @@
 
 SPMD under torchrun. Global rank 0 owns everything that is not the model: the prompt data and
 its cursor, the rollout servers and client, the reward workers and the metric sinks. It builds
-the step's batch and broadcasts it; every rank then runs the Megatron actor on its share. After
+the step's batch and sends each data-parallel rank only its share of the rows, packed
+(``megatron.batch_share``); every rank then runs the Megatron actor on its share, and metrics
+over the old log-probs are reduced across data-parallel ranks, never gathered. After
 the optimizer step, the first data-parallel replica sends its weights to the servers (one sender
 per pipeline stage, so no GPU ever holds the whole model).
 

@@ -595,12 +595,11 @@ class Actor:
         for chunk in self.model:
             chunk.train()
         start = time.perf_counter()
-        indices = [torch.nonzero(share.mini_batch == j).flatten() for j in range(self.cfg.num_mini_batches)]
-        totals = self._global_totals(batch, indices)
         history: list[dict[str, float]] = []
-        for index, (tokens, seqs, _) in zip(indices, totals.tolist()):
-            # As global_counts of the whole mini-batch: at least 1 each.
-            counts = {"tokens": max(int(tokens), 1), "seqs": max(int(seqs), 1)}
+        for j in range(self.cfg.num_mini_batches):
+            index = torch.nonzero(share.mini_batch == j).flatten()
+            # This rank holds only its rows of the mini-batch: the counts are summed over DP.
+            counts = self.objective.counts(batch.response_mask[index], self._sum_over_dp)
             micro = self._micro_batches(batch, index)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
@@ -612,7 +611,7 @@ class Actor:
             metrics = self._reduce_metrics(reduced)
             if self.moe_metrics is not None:
                 metrics.update(self.moe_metrics.finish(len(micro)))
-            metrics["response_tokens"] = float(tokens)
+            metrics["response_tokens"] = float(counts["tokens"])
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()
                 if ok:  # as in Megatron-LM: a skipped update does not advance the LR schedule
@@ -628,17 +627,13 @@ class Actor:
         out["skipped_steps"] = sum(h["skipped_steps"] for h in history)
         elapsed = time.perf_counter() - start
         out["train_time_s"] = elapsed
-        out["tokens_per_s"] = float(totals[:, 2].sum()) / elapsed
+        out["tokens_per_s"] = float(self._sum_over_dp(batch.lengths.sum().double())) / elapsed
         return out
 
-    def _global_totals(self, batch: SequenceBatch, indices: list[torch.Tensor]) -> torch.Tensor:
-        """``[mini-batches, 3]``: response tokens, sequences with one, and all tokens of each
-        mini-batch, summed over data-parallel ranks."""
-        mask = batch.response_mask
-        local = torch.tensor([[float(mask[i].sum()), float(mask[i].any(dim=1).sum()), float(batch.lengths[i].sum())]
-                              for i in indices], dtype=torch.float64).to(device())
-        dist.all_reduce(local, group=self.dp_group)
-        return local.cpu()
+    def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(device())
+        dist.all_reduce(value, group=self.dp_group)
+        return value.cpu()
 
     def _reduce_metrics(self, reduced: list[dict]) -> dict[str, float]:
         """Each metric's sum(total) / sum(weight) over micro-batches and DP ranks (the maximum
