@@ -25,6 +25,35 @@ def rl_batch():
     return batch
 
 
+def test_packed_rows_carry_only_real_tokens_in_int32_and_unpack_to_those_rows():
+    import dataclasses
+
+    from maspo_megatron.megatron.actor import SequenceBatch
+    from maspo_megatron.megatron.batch_share import pack_rows, unpack_rows
+
+    batch = rl_batch()
+    rows, mini_batch = torch.tensor([5, 0, 3]), torch.tensor([0, 0, 1])
+    packed = pack_rows(batch, rows, mini_batch)
+    tokens = int(batch.lengths[rows].sum())
+    assert packed["input_ids"].dtype == torch.int32 and packed["input_ids"].shape == (tokens,)
+    assert torch.equal(packed["input_ids"][: batch.lengths[5]], batch.input_ids[5, : batch.lengths[5]].int())
+    assert packed["rollout_logprobs"].shape == packed["response_mask"].shape == (tokens,)
+    assert packed["advantages"].shape == packed["lengths"].shape == (3,)
+    per_token = ["input_ids", "response_mask", "rollout_logprobs"]
+    dtypes = {f.name: getattr(batch, f.name).dtype for f in dataclasses.fields(SequenceBatch)
+              if getattr(batch, f.name) is not None} | {"mini_batch": torch.long}
+    share = unpack_rows(packed, per_token, dtypes)
+    width = int(batch.lengths[rows].max())
+    expected = batch.select(rows, width)
+    assert torch.equal(share.mini_batch, mini_batch)
+    assert torch.equal(share.batch.lengths, batch.lengths[rows])
+    for name in ("response_mask", "advantages", "rollout_logprobs"):
+        assert torch.equal(getattr(share.batch, name), expected[name]), name
+    valid = torch.arange(width)[None] < batch.lengths[rows][:, None]
+    assert torch.equal(share.batch.input_ids[valid], expected["input_ids"][valid])
+    assert (share.batch.input_ids[~valid] == 0).all()  # padding of the share's own, not the batch's
+
+
 def run(rank, world_size, model_dir):
     from maspo_megatron.algo.metrics import mean_metric, metric_values
     from maspo_megatron.algo.objective import Objective

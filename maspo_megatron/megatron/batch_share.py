@@ -26,13 +26,20 @@ _NARROW = {torch.int64: torch.int32}
 """Wire dtypes: token ids (and other int64 fields) fit int32 (checked before sending)."""
 
 
+def _token_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every real token of right-padded rows with these lengths, row by row."""
+    lengths = lengths.to(torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return rows, torch.arange(len(rows)) - starts[rows]
+
+
 def pack_rows(batch: SequenceBatch, rows: torch.Tensor, mini_batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """Rows ``rows`` of ``batch`` packed: per-token fields as ``[T, ...]`` over their real
     tokens (row by row), per-sequence fields as ``[n]``, plus ``mini_batch``; wire dtypes."""
     n, width = batch.input_ids.shape
-    lengths = batch.lengths[rows]
-    row_of = torch.repeat_interleave(rows, lengths)
-    col_of = torch.arange(len(row_of)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    local_row, col_of = _token_positions(batch.lengths[rows])
+    row_of = rows[local_row]
     out = {"mini_batch": mini_batch}
     for f in dataclasses.fields(SequenceBatch):
         value = getattr(batch, f.name)
@@ -58,10 +65,9 @@ def pack_rows(batch: SequenceBatch, rows: torch.Tensor, mini_batch: torch.Tensor
 def unpack_rows(packed: dict[str, torch.Tensor], per_token: list[str], dtypes: dict[str, torch.dtype]
                 ) -> BatchShare:
     """The share back as a right-padded batch of its own rows (padded to its longest row)."""
-    lengths = packed["lengths"].to(torch.long)
+    lengths = packed["lengths"]
     n, width = len(lengths), int(lengths.max())
-    row_of = torch.repeat_interleave(torch.arange(n), lengths)
-    col_of = torch.arange(len(row_of)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    row_of, col_of = _token_positions(lengths)
     fields = {}
     for name, value in packed.items():
         value = value.to(dtypes[name])
