@@ -142,6 +142,40 @@ def test_dp2_ranks_receive_only_their_packed_share_and_train_as_one_rank(tmp_pat
     assert any((initial[k] - v).abs().max() > 1e-5 for k, v in ref["params"].items())
 
 
+def shares_dp2_tp2(rank, world_size):
+    from megatron.core import parallel_state as ps
+
+    from maspo_megatron.megatron.actor import deal_batch
+    from maspo_megatron.megatron.batch_share import send_shares
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelConfig(tp=2))
+    batch = rl_batch() if rank == 0 else None
+    share, received = send_shares(batch, deal_batch(batch.lengths, 2, 2) if rank == 0 else None)
+    out = {"dp_rank": ps.get_data_parallel_rank(), "share": share, "received": received}
+    destroy_parallel()
+    return out
+
+
+def test_model_parallel_ranks_of_a_dp_index_get_the_same_share_dp2_tp2():
+    """4 ranks, TP=2 x DP=2: rank 0 sends DP index 1's rows to that group's first rank, which
+    broadcasts them to its TP peer; rank 0's TP peer gets DP index 0's rows by broadcast."""
+    from maspo_megatron.megatron.actor import deal_batch
+
+    results = run_distributed(shares_dp2_tp2, 4)
+    batch = rl_batch()
+    dealt = deal_batch(batch.lengths, 2, 2)
+    for rank, r in enumerate(results):
+        rows, mini_batch = dealt[r["dp_rank"]]
+        share = r["share"]
+        assert torch.equal(share.batch.lengths, batch.lengths[rows]) and torch.equal(share.mini_batch, mini_batch)
+        width = share.batch.input_ids.shape[1]
+        assert torch.equal(share.batch.rollout_logprobs, batch.rollout_logprobs[rows, :width])
+        packed = int(batch.lengths[rows].sum()) * (4 + 1 + 4) + len(rows) * (4 + 4 + 4)
+        assert r["received"] == (0 if rank == 0 else packed), (rank, r["received"], packed)
+    assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_dp2_training_run_reports_each_rank_receiving_only_its_share(tmp_path):
