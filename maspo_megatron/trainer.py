@@ -520,8 +520,15 @@ class Trainer:
                     rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
                 adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
                 batch = build_batch(groups, adv, cfg.algorithm.mask_truncated)
-        have = [batch is not None and len(batch) >= self.actor.dp_size]
+        have, deal = [batch is not None and len(batch) >= self.actor.dp_size, None], None
+        if self.is_driver and have[0]:
+            try:
+                deal = self.actor.deal(batch.lengths)
+            except ValueError as e:  # raised on every rank below, not only on the driver
+                have[1] = str(e)
         dist.broadcast_object_list(have, src=0)
+        if have[1] is not None:
+            raise ValueError(have[1])
         t_rollout = time.perf_counter() - t0
         if not have[0]:
             if self.is_driver:
@@ -530,7 +537,7 @@ class Trainer:
         # Each data-parallel rank gets only its rows, packed; the driver drops the whole batch.
         padded_bytes = sum(v.numel() * v.element_size() for f in dataclasses.fields(SequenceBatch)
                            if (v := getattr(batch, f.name)) is not None) if self.is_driver else 0
-        share, recv_bytes = send_shares(batch, self.actor.deal(batch.lengths) if self.is_driver else None)
+        share, recv_bytes = send_shares(batch, deal)
         del batch
         self.publisher.release_rollout_memory()
         t1 = time.perf_counter()
