@@ -2,7 +2,9 @@
 
 SPMD under torchrun. Global rank 0 owns everything that is not the model: the prompt data and
 its cursor, the rollout servers and client, the reward workers and the metric sinks. It builds
-the step's batch and broadcasts it; every rank then runs the Megatron actor on its share. After
+the step's batch and sends each data-parallel rank only its share of the rows, packed
+(``megatron.batch_share``); every rank then runs the Megatron actor on its share, and metrics
+over the old log-probs are reduced across data-parallel ranks, never gathered. After
 the optimizer step, the first data-parallel replica sends its weights to the servers (one sender
 per pipeline stage, so no GPU ever holds the whole model).
 
@@ -60,8 +62,10 @@ from maspo_megatron.algo.advantages import AdvantageConfig, group_advantages
 from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, overlong_penalty
 from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
+from maspo_megatron.algo.metrics import mean_metric
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
 from maspo_megatron.megatron.routing_replay import filler_routes
+from maspo_megatron.megatron.batch_share import reduce_over_dp, send_shares
 from maspo_megatron.megatron.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -391,24 +395,6 @@ def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_trunc
     )
 
 
-def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
-    """Rank 0's batch on every rank: shapes as a small object, then one tensor broadcast each."""
-    names = [f.name for f in dataclasses.fields(SequenceBatch)]
-    meta = [None]
-    if dist.get_rank() == 0:
-        meta = [{k: (tuple(v.shape), v.dtype) for k in names if (v := getattr(batch, k)) is not None}]
-    dist.broadcast_object_list(meta, src=0)
-    dev = device()
-    fields = {}
-    for k, (shape, dtype) in meta[0].items():
-        t = getattr(batch, k).to(dev) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
-        dist.broadcast(t, src=0)
-        fields[k] = t.cpu()
-    return SequenceBatch(**fields)
-
-
-
-
 def _spans(versions: list[int]) -> list[list[int]]:
     """Run-length form of per-token versions: ``[[version, tokens], ...]``."""
     out: list[list[int]] = []
@@ -666,21 +652,33 @@ class Trainer:
                     rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
                 adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
                 batch = build_batch(groups, adv, cfg.algorithm.mask_truncated, self.routes)
-        have = [batch is not None and len(batch) >= self.actor.dp_size]
+        have, deal = [batch is not None and len(batch) >= self.actor.dp_size, None], None
+        if self.is_driver and have[0]:
+            try:
+                deal = self.actor.deal(batch.lengths)
+            except ValueError as e:  # raised on every rank below, not only on the driver
+                have[1] = str(e)
         dist.broadcast_object_list(have, src=0)
+        if have[1] is not None:
+            raise ValueError(have[1])
         t_rollout = time.perf_counter() - t0
         if not have[0]:
             if self.is_driver:
                 print(f"step {step + 1}: no informative prompt groups; no update this step", flush=True)
             return info if self.is_driver else None
-        batch = broadcast_batch(batch)
+        # Each data-parallel rank gets only its rows, packed; the driver drops the whole batch.
+        padded_bytes = sum(v.numel() * v.element_size() for f in dataclasses.fields(SequenceBatch)
+                           if (v := getattr(batch, f.name)) is not None) if self.is_driver else 0
+        share, recv_bytes = send_shares(batch, deal)
+        del batch
         self.publisher.release_rollout_memory()
         t1 = time.perf_counter()
-        batch.old_logprobs, entropy = self.actor.compute_logprobs(batch, entropy=True)
+        part = share.batch
+        part.old_logprobs, entropy = self.actor.compute_logprobs(share, entropy=True)
         if self.ref is not None:
-            batch.ref_logprobs, _ = self.ref.compute_logprobs(batch)
+            part.ref_logprobs, _ = self.ref.compute_logprobs(share)
         t_logprob = time.perf_counter() - t1
-        train = self.actor.train_step(batch)
+        train = self.actor.train_step(share)
         t2 = time.perf_counter()
         if train["skipped_steps"] > 0:
             self.bad_steps += 1
@@ -691,6 +689,7 @@ class Trainer:
                       flush=True)
         else:
             self.bad_steps = 0
+        share_metrics = self._share_metrics(part, entropy, recv_bytes)
         if cfg.rollout.pipeline == "one_step_off" and cfg.rollout.partial is None and step + 1 < cfg.steps:
             # No response may be in flight at the sync: the next step's rollout ends first.
             self._rollout_phase(lambda: self._await(self._prefetch), f"the rollout of step {step + 2}")
@@ -699,21 +698,30 @@ class Trainer:
         t3 = time.perf_counter()
         if not self.is_driver:
             return None
-        mask = batch.response_mask
-        gap = (batch.old_logprobs - batch.rollout_logprobs)[mask] if batch.rollout_logprobs is not None else None
         metrics = {
             **info,
             **{f"actor/{k}": v for k, v in train.items()},
-            "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
+            **share_metrics, "batch/padded_bytes": float(padded_bytes),
             "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
             "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t_drain, "time/step_s": t3 - t0,
             # one_step_off without partial rollouts: the wait for the next rollout before the sync
             "time/drain_s": t_drain - t2,
             **sync,
         }
-        if gap is not None:
-            metrics["mismatch/logprob_abs_diff"] = float(gap.abs().mean())
         return metrics
+
+    def _share_metrics(self, part: SequenceBatch, entropy: torch.Tensor, recv_bytes: int) -> dict[str, float]:
+        """Metrics of the whole batch from every DP rank's share (reduced, not gathered), and
+        the most bytes any rank received for its share. Collective: every rank calls it."""
+        mask = part.response_mask
+        local = {"actor/entropy_old": mean_metric(entropy, mask)}
+        if part.rollout_logprobs is not None:
+            local["mismatch/logprob_abs_diff"] = mean_metric((part.old_logprobs - part.rollout_logprobs).abs(), mask)
+        out = reduce_over_dp(local)
+        most = torch.tensor([float(recv_bytes)], dtype=torch.float64, device=device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out["batch/recv_bytes_max"] = float(most)
+        return out
 
     # --------------------------------------------------------------------- collective rollouts
     def _command(self, cmd=None):

@@ -101,13 +101,16 @@ class FakeActor:
         self.skips = list(skips)
         self.batches = []
 
-    def compute_logprobs(self, batch, entropy=False):
-        lp = torch.full(batch.input_ids.shape, -1.0)
+    def deal(self, lengths):
+        return [(torch.arange(len(lengths)), torch.zeros(len(lengths), dtype=torch.long))]
+
+    def compute_logprobs(self, share, entropy=False):
+        lp = torch.full(share.batch.input_ids.shape, -1.0)
         return lp, torch.ones_like(lp)
 
-    def train_step(self, batch):
+    def train_step(self, share):
         bad = self.skips[len(self.batches)]
-        self.batches.append(batch)
+        self.batches.append(share)
         return {"loss": math.nan if bad else -0.1, "grad_norm": math.nan if bad else 1.0,
                 "skipped_steps": float(bad)}
 
@@ -115,7 +118,10 @@ class FakeActor:
 @pytest.fixture
 def trainer_factory(tmp_path):
     """Builds a Trainer in a one-process gloo group, wired to the fakes."""
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    initialize_parallel(ParallelConfig())  # the batch goes out over megatron's groups
 
     def make(engine=None, fake_actor=None, **cfg_fields):
         cfg = TrainerConfig(output_dir=str(tmp_path / "run"), tensorboard=False, **cfg_fields)
@@ -131,7 +137,7 @@ def trainer_factory(tmp_path):
         return t
 
     yield make
-    dist.destroy_process_group()
+    destroy_parallel()
 
 
 def prompt_records(t):

@@ -70,18 +70,23 @@ def seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor,
     return loss.sum() / (normalizer * global_num_seqs)
 
 
-def global_counts(mask: torch.Tensor) -> dict[str, int]:
-    """The normalisers of one optimizer step from its whole ``[N, L]`` response mask.
+def global_counts(mask: torch.Tensor,
+                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, int]:
+    """The normalisers of one optimizer step from its ``[N, L]`` response mask.
 
     ``tokens``: response tokens; ``seqs``: rows with at least one response token. A fully masked
     row (e.g. a truncated response under ``algorithm.mask_truncated``) contributes nothing to the
     loss, so it is not counted either: otherwise the sequence-level modes would shrink by the
     masked fraction. Both are at least 1 (a step with no response token has loss 0).
+    ``sum_over_ranks``: when each rank holds only its rows of the step, the sum of a tensor over
+    those ranks (the counts are of the whole step); None when ``mask`` is the whole step's.
     """
     if mask.dim() != 2:
         raise ValueError(f"expected a [batch, tokens] mask, got shape {tuple(mask.shape)}")
     mask = mask.to(torch.bool)
-    return {"tokens": max(int(mask.sum()), 1), "seqs": max(int(mask.any(dim=1).sum()), 1)}
+    local = torch.stack([mask.sum(), mask.any(dim=1).sum()]).double()
+    tokens, seqs = (sum_over_ranks(local) if sum_over_ranks is not None else local).tolist()
+    return {"tokens": max(int(tokens), 1), "seqs": max(int(seqs), 1)}
 
 
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {

@@ -166,9 +166,10 @@ class Objective:
         return fields
 
     @staticmethod
-    def counts(response_mask: torch.Tensor) -> dict[str, int]:
-        """The global normalisers of a mini-batch (its whole ``[N, L]`` response mask)."""
-        return global_counts(response_mask)
+    def counts(response_mask: torch.Tensor, sum_over_ranks=None) -> dict[str, int]:
+        """The global normalisers of a mini-batch: its whole ``[N, L]`` response mask, or this
+        rank's rows of it with ``sum_over_ranks`` (:func:`global_counts`)."""
+        return global_counts(response_mask, sum_over_ranks)
 
     def __call__(self, logprobs: torch.Tensor, entropy: torch.Tensor | None,
                  batch: Mapping[str, torch.Tensor], counts: Mapping[str, int | float | torch.Tensor]

@@ -1,15 +1,16 @@
 """The Megatron actor: log-prob passes and the policy-loss train step over TP/PP/DP.
 
-Every rank holds the whole (small) batch of token ids; the actor deals sequences to its
-data-parallel rank, packs them into micro-batches by a token budget, and runs megatron-core's
+The actor decides which sequences each data-parallel rank trains on (:meth:`Actor.deal`); a
+rank works on its :class:`BatchShare` (the trainer sends each rank only its share, see
+``megatron.batch_share``), packs it into micro-batches by a token budget, and runs megatron-core's
 own pipeline schedule, DDP and (distributed) optimizer. Log-probs and entropy come from the
 vocab-parallel ops in ``maspo_megatron.ops``: the logits stay sharded over the TP group.
 
 The RL objective (policy loss, IS correction, KL, entropy, aggregation) is not the actor's: it
 is handed an :class:`~maspo_megatron.algo.objective.Objective` and calls it per micro-batch.
 
-Loss normalisation: the global counts (response tokens, sequences) of a mini-batch are known
-on every rank before the step, so each micro-batch's loss is ``sum(local tokens) / global
+Loss normalisation: the global counts (response tokens, sequences) of a mini-batch are summed
+over data-parallel ranks before the step, so each micro-batch's loss is ``sum(local tokens) / global
 count`` and the accumulated gradient equals that of one big batch. megatron's schedule divides
 each micro-batch loss by the number of micro-batches and DDP averages over data-parallel
 ranks; the actor multiplies both back (``_MEGATRON_AVERAGING``) so neither averaging applies.
@@ -180,6 +181,36 @@ def deal_to_dp_ranks(lengths: torch.Tensor, dp_size: int) -> list[torch.Tensor]:
         raise ValueError(f"a mini-batch of {len(lengths)} sequences cannot feed {dp_size} data-parallel ranks")
     order = torch.argsort(lengths, descending=True, stable=True)
     return [order[r::dp_size] for r in range(dp_size)]
+
+
+def deal_batch(lengths: torch.Tensor, dp_size: int, num_mini_batches: int
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per data-parallel rank: (rows of the whole batch, the mini-batch of each row), grouped
+    by mini-batch. Mini-batches are consecutive chunks of rows; each is dealt over the ranks
+    (:func:`deal_to_dp_ranks`), so every rank gets a part of every optimizer step."""
+    n = len(lengths)
+    if n % num_mini_batches:
+        raise ValueError(f"batch of {n} sequences is not divisible by num_mini_batches={num_mini_batches}")
+    parts: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(dp_size)]
+    for j, index in enumerate(torch.arange(n).chunk(num_mini_batches)):
+        for r, shard in enumerate(deal_to_dp_ranks(lengths[index], dp_size)):
+            parts[r].append((index[shard], j))
+    return [(torch.cat([rows for rows, _ in p]),
+             torch.cat([torch.full((len(rows),), j, dtype=torch.long) for rows, j in p])) for p in parts]
+
+
+@dataclass
+class BatchShare:
+    """One data-parallel rank's rows of a batch: what that rank computes and trains on."""
+
+    batch: SequenceBatch
+    """Those rows only, right-padded to their own longest row."""
+    mini_batch: torch.Tensor
+    """``[n]`` the mini-batch (optimizer step) of each row, ascending."""
+
+    def __post_init__(self):
+        if self.mini_batch.shape != (len(self.batch),):
+            raise ValueError(f"mini_batch must have shape [{len(self.batch)}], got {tuple(self.mini_batch.shape)}")
 
 
 def pack_micro_batches(index: torch.Tensor, lengths: torch.Tensor, token_budget: int,
@@ -497,14 +528,25 @@ class Actor:
             if replay is not None:
                 replay.clear()
 
+    def deal(self, lengths: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Which rows of a batch with these ``lengths`` each data-parallel rank computes and
+        trains on (:func:`deal_batch`): the one place that decides it."""
+        return deal_batch(lengths, self.dp_size, self.cfg.num_mini_batches)
+
+    def share_of(self, batch: SequenceBatch) -> tuple[BatchShare, torch.Tensor]:
+        """This rank's share of a ``batch`` every rank holds, and its rows in ``batch``."""
+        rows, mini_batch = self.deal(batch.lengths)[self.dp_rank]
+        width = int(batch.lengths[rows].max())
+        return BatchShare(SequenceBatch(**batch.select(rows, width), lengths=batch.lengths[rows]), mini_batch), rows
+
     def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor, replay: bool = True) -> list[dict]:
+        """Rows ``index`` of this rank's (share) ``batch`` packed into micro-batches."""
         replay = replay and self.replay is not None
         if replay:
             self.replay.check(batch.routed_experts, tuple(batch.input_ids.shape))
         dev = device()
-        shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
         micro = []
-        for rows in pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens,
+        for rows in pack_micro_batches(index, batch.lengths, self.cfg.micro_batch_tokens,
                                        padded=not self.pack):
             m = {k: v.to(dev) for k, v in batch.select(rows).items()}
             if not self.pack:
@@ -520,16 +562,33 @@ class Actor:
         return micro
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False,
+    def compute_logprobs(self, batch: SequenceBatch | BatchShare, *, entropy: bool = False,
                          temperature: float | None = None, replay: bool = True):
-        """Log-probs (and entropy) of every response token, ``[N, L]``, zero elsewhere.
+        """Log-probs (and entropy) of every response token, zero elsewhere.
 
-        Forward-only through the pipeline schedule; the result is assembled from all
-        data-parallel ranks and pipeline stages, so every rank returns the full tensors.
+        Forward-only through the pipeline schedule. A :class:`BatchShare` gives this rank's
+        rows, ``[n, L_share]``, on every stage of its pipeline. A whole ``SequenceBatch`` (held
+        by every rank) gives ``[N, L]``, assembled from all data-parallel ranks.
         ``temperature`` overrides the actor's for this pass (the weight-sync proof uses 1).
         With routing replay on, the batch must carry ``routed_experts``; ``replay=False`` routes
         with the model's own router instead (the weight-sync proof's probe has no rollout).
         """
+        if isinstance(batch, BatchShare):
+            return self._share_logprobs(batch.batch, entropy, temperature, replay)
+        share, rows = self.share_of(batch)
+        lp, ent = self._share_logprobs(share.batch, entropy, temperature, replay)
+        # Each row is computed on exactly one DP rank: a sum assembles the batch.
+        full = torch.zeros((2 if entropy else 1, *batch.input_ids.shape), dtype=torch.float32)
+        full[0, rows, : lp.shape[1]] = lp
+        if entropy:
+            full[1, rows, : ent.shape[1]] = ent
+        full = full.to(device())
+        dist.all_reduce(full, group=self.dp_group)
+        full = full.cpu()
+        return full[0], (full[1] if entropy else None)
+
+    def _share_logprobs(self, batch: SequenceBatch, entropy: bool, temperature: float | None,
+                        replay: bool):
         for chunk in self.model:
             chunk.eval()
         micro = self._micro_batches(batch, torch.arange(len(batch)), replay)
@@ -551,9 +610,8 @@ class Actor:
         finally:
             self.temperature = default
         results = [out_lp] + ([out_ent] if entropy else [])
-        # Each row was filled on exactly one DP rank's last stage: a sum assembles the batch.
+        # Filled on the last pipeline stage only.
         stacked = torch.stack(results).to(device())
-        dist.all_reduce(stacked, group=self.dp_group)
         dist.broadcast(stacked, src=self.pp_last_rank, group=self.pp_group)
         stacked = stacked.cpu()
         return stacked[0], (stacked[1] if entropy else None)
@@ -569,8 +627,9 @@ class Actor:
         # Undo megatron's per-micro-batch and data-parallel averaging (module docstring).
         return loss * (num_micro * self.dp_size), reported
 
-    def train_step(self, batch: SequenceBatch) -> dict[str, float]:
-        """One train step: ``num_mini_batches`` optimizer steps over ``batch``.
+    def train_step(self, batch: SequenceBatch | BatchShare) -> dict[str, float]:
+        """One train step: ``num_mini_batches`` optimizer steps over ``batch``: this rank's
+        :class:`BatchShare`, or a whole ``SequenceBatch`` every rank holds.
 
         The loss is the objective the actor was handed; ``batch`` must carry the fields it
         reads (``objective.required_fields``: ``advantages`` and ``old_logprobs``, plus
@@ -583,6 +642,8 @@ class Actor:
         if self.objective is None:
             raise RuntimeError("this Actor was built without an objective: pass "
                                "Actor(..., objective=Objective(cfg)) (maspo_megatron.algo.objective)")
+        share = batch if isinstance(batch, BatchShare) else self.share_of(batch)[0]
+        batch = share.batch
         missing = [f for f in self.objective.required_fields if getattr(batch, f) is None]
         if missing:
             raise ValueError(f"train_step needs a batch with {' and '.join(missing)} "
@@ -590,13 +651,11 @@ class Actor:
         for chunk in self.model:
             chunk.train()
         start = time.perf_counter()
-        n = len(batch)
-        if n % self.cfg.num_mini_batches:
-            raise ValueError(f"batch of {n} sequences is not divisible by num_mini_batches="
-                             f"{self.cfg.num_mini_batches}")
         history: list[dict[str, float]] = []
-        for index in torch.arange(n).chunk(self.cfg.num_mini_batches):
-            counts = self.objective.counts(batch.response_mask[index])
+        for j in range(self.cfg.num_mini_batches):
+            index = torch.nonzero(share.mini_batch == j).flatten()
+            # This rank holds only its rows of the mini-batch: the counts are summed over DP.
+            counts = self.objective.counts(batch.response_mask[index], self._sum_over_dp)
             micro = self._micro_batches(batch, index)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
@@ -608,7 +667,7 @@ class Actor:
             metrics = self._reduce_metrics(reduced)
             if self.moe_metrics is not None:
                 metrics.update(self.moe_metrics.finish(len(micro)))
-            metrics["response_tokens"] = float(batch.response_mask[index].sum())
+            metrics["response_tokens"] = float(counts["tokens"])
             # Routing replay in effect: this rank's micro-batches whose routers took the rollout's experts.
             metrics["replayed_micro_batches"] = float(len(micro)) if self.replay is not None else 0.0
             if math.isfinite(metrics["loss"]):
@@ -626,8 +685,13 @@ class Actor:
         out["skipped_steps"] = sum(h["skipped_steps"] for h in history)
         elapsed = time.perf_counter() - start
         out["train_time_s"] = elapsed
-        out["tokens_per_s"] = float(batch.lengths.sum()) / elapsed
+        out["tokens_per_s"] = float(self._sum_over_dp(batch.lengths.sum().double())) / elapsed
         return out
+
+    def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(device())
+        dist.all_reduce(value, group=self.dp_group)
+        return value.cpu()
 
     def _reduce_metrics(self, reduced: list[dict]) -> dict[str, float]:
         """Each metric's sum(total) / sum(weight) over micro-batches and DP ranks (the maximum
