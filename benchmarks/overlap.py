@@ -123,7 +123,7 @@ def main() -> None:
             f"(steps 1-{args.skip_first} and the last of each run left out); median [min, max] seconds\n")
     sync_rollout = statistics.median(m["time/rollout_s"] for m in rows["sync"]["metrics"]) if "sync" in rows else None
     lines = [f"{'mode':22} {'step s':>20} {'rollout wait s':>20} {'logprob+train s':>20} {'drain s':>20} "
-             f"{'sync s':>20} {'tok/s':>7} {'step/max':>8} {'mean run':>8} {'peak':>4} {'overrun':>7}"]
+             f"{'sync s':>20} {'tok/s':>7} {'step/max':>8} {'mean run':>8} {'peak':>4} {'overrun':>7} {'retries':>7}"]
     for mode, row in rows.items():
         ms = row["metrics"]
         step = [m["time/step_s"] for m in ms]
@@ -140,7 +140,8 @@ def main() -> None:
         overrun = sum(s["overruns"] for s in sv) / steps if steps else 0.0
         lines.append(f"{mode:22} {_fmt(step):>20} {_fmt([m['time/rollout_s'] for m in ms]):>20} {_fmt(train):>20} "
                      f"{_fmt([m['time/drain_s'] for m in ms]):>20} {_fmt([m['time/sync_s'] for m in ms]):>20} "
-                     f"{tps} {ratio} {mean_running:8.1f} {max(s['peak_running'] for s in sv):4d} {overrun:7.0%}")
+                     f"{tps} {ratio} {mean_running:8.1f} {max(s['peak_running'] for s in sv):4d} {overrun:7.0%} "
+                     f"{statistics.median(m['rollout/retries'] for m in ms):7.1f}")
     text = head + "\n".join(lines) + "\n"
     print(text)
     if args.out:
