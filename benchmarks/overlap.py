@@ -8,16 +8,18 @@ Megatron training, weight sync over a gloo group with its log-prob proof). The r
 running-request limit. The scale is chosen so that a step's generation lasts about as long as
 its training -- where overlap matters; the figures are those of that simulation, not of a GPU.
 
-Per mode, over the steps after the first (one_step_off's first step has nothing to overlap) of
-``--repeats`` runs: median [min, max] of the step time, the rollout wait, log-prob + train, the
+Per mode, over the steps of ``--repeats`` runs less the first ``--skip-first`` (warm-up; and
+one_step_off's first step has nothing to overlap) and the last (it has no next rollout): median [min, max] of the step time, the rollout wait, log-prob + train, the
 drain before the sync (one_step_off without partial) and the sync; response tokens per second of
 step time; and step / max(rollout, train), where rollout is the sync mode's median rollout time
 (the same generation, not overlapped) and train this mode's own -- the target for one_step_off is
 <= 1.1. The server's own counters give the running batch it kept (time-weighted mean while busy,
 peak) against its limit, which the client reads from ``/server_info``
-(``rollout.client.read_server_limits``).
+(``rollout.client.read_server_limits``); overrun is the share of decode steps whose real CPU
+compute outlasted the modelled time (there the server was slower than the model); retries the
+median per step of requests the client sent again (aborted by a sync, or rejected).
 
-    python benchmarks/overlap.py --repeats 2 --steps 4 --time-scale 4 --out benchmarks/results/overlap_simulated.txt
+    python benchmarks/overlap.py --repeats 2 --steps 7 --time-scale 4 --out benchmarks/results/overlap_simulated.txt
 """
 
 from __future__ import annotations
