@@ -870,6 +870,11 @@ class Trainer:
         gets the weights when it is back (:meth:`_resync`)."""
         self.version = version
         out: dict[str, float] = {}
+        client = self.engine.client if self.is_driver else None
+        if client is not None and client.accepted_weight_versions is not None:
+            # The servers resume generating inside the sync, before the proof and the narrowing
+            # below: a response finished meanwhile may carry the new version and is no stale one.
+            client.accepted_weight_versions = client.accepted_weight_versions | {str(version)}
         while True:
             targets = self._command(self.engine.sync_targets() if self.is_driver else None)
             if not targets:

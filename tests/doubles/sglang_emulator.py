@@ -361,10 +361,12 @@ def _result(success: bool, message: str, **extra) -> web.Response:
 
 
 class CPUServer:
+    engine_class = CPUEngine  # benchmarks/simulated_server.py decodes in batches on top of it
+
     def __init__(self, model_path: str, *, api_key: str | None = None,
                  weight_update_timeout_s: float = 600.0, device: str = "cpu",
                  weights_cpu_backup: bool = False):
-        self.engine = CPUEngine(model_path, device, weights_cpu_backup)
+        self.engine = self.engine_class(model_path, device, weights_cpu_backup)
         self.api_key = api_key
         self.weight_version = "default"  # SGLang's initial weight_version
         self.session = False  # inside begin_weight_update ... end_weight_update
