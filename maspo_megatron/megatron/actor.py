@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from maspo_megatron.algo.metrics import is_max_metric, metric_value
 from maspo_megatron.algo.objective import Objective, ObjectiveConfig
-from maspo_megatron.megatron.routing_replay import RoutingReplay, filler_routes, replay_routers
+from maspo_megatron.megatron.routing_replay import RoutingReplay, fill_unrouted, filler_routes, replay_routers
 from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
 from maspo_megatron.runtime import device
 
@@ -549,6 +549,8 @@ class Actor:
         for rows in pack_micro_batches(index, batch.lengths, self.cfg.micro_batch_tokens,
                                        padded=not self.pack):
             m = {k: v.to(dev) for k, v in batch.select(rows).items()}
+            if replay:
+                fill_unrouted(m["routed_experts"], batch.lengths[rows].to(dev))
             if not self.pack:
                 m = pad_micro_batch(m, self.token_multiple)
             m["rows"] = rows

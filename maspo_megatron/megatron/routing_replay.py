@@ -28,6 +28,15 @@ def filler_routes(shape: tuple[int, ...], layers: int, topk: int) -> torch.Tenso
     return torch.arange(topk, dtype=torch.int32).expand(*shape, layers, topk).clone()
 
 
+def fill_unrouted(routes: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Gives each row's positions past its length :func:`filler_routes`, in place: a batch
+    received packed (``batch_share``) has zeros there, and a token routed twice to one expert
+    would change megatron's per-expert token counts."""
+    n, width, layers, topk = routes.shape
+    beyond = torch.arange(width, device=routes.device)[None, :] >= lengths[:, None]
+    routes[beyond] = filler_routes((), layers, topk).to(routes)
+
+
 def replay_routers(model_chunks) -> list[tuple[int, object]]:
     """``(0-based global layer, RouterReplay)`` of every replaying router of these chunks."""
     from megatron.core.transformer.moe.router import Router
