@@ -1,0 +1,156 @@
+"""Virtual pipeline stages (interleaved 1F1B): PP=2 x VPP=2 equals PP=1.
+
+The model is a tiny Llama loaded from an HF checkpoint, in fp32 on gloo. Two ranks with two
+model chunks each (one layer per chunk, layers interleaved 0,2 | 1,3) must give the single
+rank's per-token log-probs and MASPO train steps (loss, grad norm, updated weights) within
+1e-5. Checkpoints save the chunks as model0/model1 and continue identically after a load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from test_megatron_actor import STEPS, make_batch, make_tiny_llama
+
+
+def test_interleave_group_size_meets_the_schedules_rule():
+    from maspo_megatron.megatron.interleaved import interleave_group_size
+
+    # megatron's rule: group in [pp, M]; M % group is 0 or >= pp.
+    for pp in (2, 3, 4):
+        for m in range(pp, 30):
+            g = interleave_group_size(m, pp)
+            assert pp <= g <= m and (m % g == 0 or m % g >= pp), (m, pp, g)
+            if m % pp == 0:
+                assert g == pp
+    assert interleave_group_size(5, 2) == 3
+    with pytest.raises(ValueError, match="cannot fill 2 pipeline stages"):
+        interleave_group_size(1, 2)
+
+
+def test_split_to_count_halves_the_largest_micro_batches():
+    from maspo_megatron.megatron.interleaved import split_to_count
+
+    micro = [torch.tensor([4, 1, 2]), torch.tensor([0])]
+    out = split_to_count(micro, 4)
+    assert len(out) == 4
+    assert sorted(torch.cat(out).tolist()) == [0, 1, 2, 4]
+    assert split_to_count(micro, 2) == micro
+    with pytest.raises(ValueError, match=r"fewer than parallel.pp=3.*parallel.vpp"):
+        split_to_count([torch.tensor([0, 1])], 3)
+
+
+def _actor_cfg(**kw):
+    from maspo_megatron.megatron.actor import ActorConfig, OptimizerConfig
+
+    return ActorConfig(loss="maspo", logprob_chunk_tokens=7,
+                       optimizer=OptimizerConfig(lr=1e-4, clip_grad=1.0), **kw)
+
+
+def train(rank, world_size, model_dir, pp, vpp, ckpt_dir):
+    from maspo_megatron.algo.objective import Objective
+    from maspo_megatron.megatron.actor import Actor
+    from maspo_megatron.megatron.checkpoint import load_checkpoint, save_checkpoint
+    from maspo_megatron.megatron.convert import export_hf, load_hf_checkpoint
+    from maspo_megatron.megatron.model import build_model, global_layer_indices, make_model_spec
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig(pp=pp, vpp=vpp)
+    initialize_parallel(parallel)
+    out = {}
+    if vpp:
+        with pytest.raises(ValueError, match=r"num_hidden_layers=4 is not divisible by parallel.pp \* "
+                                             r"parallel.vpp = 2\*4"):
+            make_model_spec(model_dir, ParallelConfig(pp=2, vpp=4), dtype=torch.float32)
+
+    def fresh_actor(**kw):
+        chunks = build_model(model_dir, parallel, dtype=torch.float32)
+        load_hf_checkpoint(chunks, model_dir)
+        cfg = _actor_cfg(**kw)
+        return chunks, Actor(chunks, cfg, objective=Objective(cfg), temperature=0.9)
+
+    chunks, actor = fresh_actor(micro_batch_tokens=30, fused_logprobs=bool(vpp))
+    out["layers"] = [global_layer_indices(c) for c in chunks]
+    out["pre_post"] = [(c.maspo_spec.pre_process, c.maspo_spec.post_process) for c in chunks]
+    batch = make_batch()
+    out["num_micro"] = len(actor._micro_batches(batch, torch.arange(len(batch))))
+    batch.old_logprobs, _ = actor.compute_logprobs(batch)
+    out["old_logprobs"] = batch.old_logprobs
+    # One micro-batch's worth of budget: the interleaved schedule needs >= pp micro-batches.
+    _, big = fresh_actor(micro_batch_tokens=4096)
+    out["one_budget_micro"] = len(big._micro_batches(batch, torch.arange(len(batch))))
+    out["one_budget_logprobs"], _ = big.compute_logprobs(batch)
+    out["metrics"] = []
+    for step in range(STEPS):
+        out["metrics"].append(actor.train_step(batch))
+        if step == 0:
+            out["params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
+            if ckpt_dir:
+                save_checkpoint(ckpt_dir, 1, actor.model, actor.optimizer, actor.scheduler)
+    if ckpt_dir:
+        # A fresh actor resumed from step 1 continues exactly as the one that saved.
+        _, resumed = fresh_actor(micro_batch_tokens=30, fused_logprobs=bool(vpp))
+        load_checkpoint(ckpt_dir, resumed.model, resumed.optimizer, resumed.scheduler)
+        out["resumed"] = [resumed.train_step(batch) for _ in range(STEPS - 1)]
+        out["resumed_params"] = {k: v.detach().clone() for k, v in export_hf(resumed.model)}
+        out["final_params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
+    destroy_parallel()
+    return out
+
+
+def _merged(results, key):
+    merged = {}
+    for r in results:
+        merged.update(r[key])
+    return merged
+
+
+@pytest.mark.slow
+def test_pp2_vpp2_logprobs_train_step_and_checkpoint_equal_pp1(tmp_path):
+    make_tiny_llama(tmp_path / "model")
+    model_dir = str(tmp_path / "model")
+    (ref,) = run_distributed(train, 1, model_dir, 1, None, None)
+    ckpt = str(tmp_path / "ckpt")
+    results = run_distributed(train, 2, model_dir, 2, 2, ckpt, timeout=600)
+
+    # Megatron's interleaving: chunk v of rank r holds layer v * pp + r.
+    assert [r["layers"] for r in results] == [[[0], [2]], [[1], [3]]]
+    assert [r["pre_post"] for r in results] == [[(True, False), (False, False)],
+                                                [(False, False), (False, True)]]
+    # 3 micro-batches at 30 tokens (3 % pp = 1: group size 3); 1 at 4096, split to pp = 2.
+    assert results[0]["num_micro"] == ref["num_micro"] == 3
+    assert results[0]["one_budget_micro"] == 2 and ref["one_budget_micro"] == 1
+
+    losses = [m["loss"] for m in ref["metrics"]]
+    assert losses[-1] < losses[0] - 1e-3, losses
+    for r in results:
+        torch.testing.assert_close(r["old_logprobs"], ref["old_logprobs"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r["one_budget_logprobs"], ref["old_logprobs"], atol=1e-5, rtol=0)
+        for mine, theirs in zip(r["metrics"], ref["metrics"]):
+            assert abs(mine["loss"] - theirs["loss"]) < 1e-5, (mine["loss"], theirs["loss"])
+            assert abs(mine["grad_norm"] - theirs["grad_norm"]) < 1e-5, (mine["grad_norm"], theirs["grad_norm"])
+            assert mine["response_tokens"] == theirs["response_tokens"]
+    exported = _merged(results, "params")
+    assert exported.keys() == ref["params"].keys()
+    for name, tensor in ref["params"].items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-5, rtol=0, msg=name)
+    from safetensors.torch import load_file
+
+    initial = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert any(not torch.equal(initial[k], v) for k, v in ref["params"].items()), "the step changed nothing"
+
+    # Checkpoint at vpp=2: one entry per chunk, and a resumed actor continues bit for bit.
+    from maspo_megatron.megatron.checkpoint import iteration_dir, read_trainer_state
+
+    assert read_trainer_state(iteration_dir(ckpt, 1))["model_chunks"] == 2
+    for r in results:
+        for mine, theirs in zip(r["resumed"], r["metrics"][1:]):
+            assert mine["loss"] == theirs["loss"] and mine["grad_norm"] == theirs["grad_norm"]
+    resumed, final = _merged(results, "resumed_params"), _merged(results, "final_params")
+    assert resumed.keys() == final.keys() == ref["params"].keys()
+    for name, tensor in final.items():
+        assert torch.equal(resumed[name], tensor), name
