@@ -3,7 +3,9 @@
 The model is a tiny Llama loaded from an HF checkpoint, in fp32 on gloo. Two ranks with two
 model chunks each (one layer per chunk, layers interleaved 0,2 | 1,3) must give the single
 rank's per-token log-probs and MASPO train steps (loss, grad norm, updated weights) within
-1e-5. Checkpoints save the chunks as model0/model1 and continue identically after a load.
+1e-5. Checkpoints save the chunks as model0/model1 and continue identically after a load,
+also under PP=2 without virtual stages (fully reshardable optimizer state); the
+``dp_reshardable`` optimizer state, laid out per chunk, refuses another chunk count by name.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def train(rank, world_size, model_dir, pp, vpp, ckpt_dir):
             out["params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
             if ckpt_dir:
                 save_checkpoint(ckpt_dir, 1, actor.model, actor.optimizer, actor.scheduler)
+                save_checkpoint(ckpt_dir + "_dp", 1, actor.model, actor.optimizer, actor.scheduler,
+                                optimizer_sharding="dp_reshardable")
     if ckpt_dir:
         # A fresh actor resumed from step 1 continues exactly as the one that saved.
         _, resumed = fresh_actor(micro_batch_tokens=30, fused_logprobs=bool(vpp))
@@ -98,6 +102,34 @@ def train(rank, world_size, model_dir, pp, vpp, ckpt_dir):
         out["resumed"] = [resumed.train_step(batch) for _ in range(STEPS - 1)]
         out["resumed_params"] = {k: v.detach().clone() for k, v in export_hf(resumed.model)}
         out["final_params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
+    destroy_parallel()
+    return out
+
+
+def resume_without_vpp(rank, world_size, model_dir, ckpt_dir, old_logprobs):
+    """The vpp=2 checkpoint resumed at PP=2 without virtual stages (one chunk per rank)."""
+    from maspo_megatron.algo.objective import Objective
+    from maspo_megatron.megatron.actor import Actor
+    from maspo_megatron.megatron.checkpoint import CheckpointError, load_checkpoint
+    from maspo_megatron.megatron.convert import export_hf
+    from maspo_megatron.megatron.model import build_model
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig(pp=2)
+    initialize_parallel(parallel)
+    chunks = build_model(model_dir, parallel, dtype=torch.float32)
+    cfg = _actor_cfg(micro_batch_tokens=30)
+    actor = Actor(chunks, cfg, objective=Objective(cfg), temperature=0.9)
+    out = {}
+    try:
+        load_checkpoint(ckpt_dir + "_dp", actor.model, actor.optimizer, actor.scheduler)
+    except CheckpointError as e:
+        out["dp_error"] = str(e)
+    load_checkpoint(ckpt_dir, actor.model, actor.optimizer, actor.scheduler)
+    batch = make_batch()
+    batch.old_logprobs = old_logprobs  # what the saving run trained on
+    out["metrics"] = [actor.train_step(batch) for _ in range(STEPS - 1)]
+    out["params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
     destroy_parallel()
     return out
 
@@ -154,3 +186,14 @@ def test_pp2_vpp2_logprobs_train_step_and_checkpoint_equal_pp1(tmp_path):
     assert resumed.keys() == final.keys() == ref["params"].keys()
     for name, tensor in final.items():
         assert torch.equal(resumed[name], tensor), name
+
+    # Another layout (PP=2, no virtual stages) resumes the fully reshardable checkpoint and
+    # continues as PP=1 does; the dp_reshardable one names what differs.
+    other = run_distributed(resume_without_vpp, 2, model_dir, ckpt, ref["old_logprobs"], timeout=600)
+    for r in other:
+        assert "dp_reshardable' at model_chunks=2 cannot load at model_chunks=1" in r["dp_error"], r["dp_error"]
+        for mine, theirs in zip(r["metrics"], ref["metrics"][1:]):
+            assert abs(mine["loss"] - theirs["loss"]) < 1e-5 and abs(mine["grad_norm"] - theirs["grad_norm"]) < 1e-5
+    params = _merged(other, "params")
+    for name, tensor in final.items():
+        torch.testing.assert_close(params[name], tensor, atol=1e-5, rtol=0, msg=name)
