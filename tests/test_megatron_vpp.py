@@ -197,3 +197,68 @@ def test_pp2_vpp2_logprobs_train_step_and_checkpoint_equal_pp1(tmp_path):
     params = _merged(other, "params")
     for name, tensor in final.items():
         torch.testing.assert_close(params[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+    # export-hf of the vpp=2 checkpoint (at TP=1 PP=1) gives the weights it saved, bit for bit.
+    out = str(tmp_path / "exported")
+    run_distributed(export_checkpoint, 1, ckpt, model_dir, out)
+    written = load_file(os.path.join(out, "model.safetensors"))
+    assert written.keys() == exported.keys()
+    for name, tensor in exported.items():
+        assert torch.equal(written[name], tensor), name
+
+
+def save_hf_at_vpp(rank, world_size, model_dir, out_dir):
+    from maspo_megatron.megatron.convert import load_hf_checkpoint, save_hf
+    from maspo_megatron.megatron.model import build_model
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig(pp=2, vpp=2)
+    initialize_parallel(parallel)
+    chunks = build_model(model_dir, parallel, dtype=torch.float32)
+    load_hf_checkpoint(chunks, model_dir)
+    # Small shards: several files per chunk, so their order is visible in the index.
+    save_hf(chunks, out_dir, tokenizer_dir=model_dir, max_shard_bytes=24 << 10)
+    destroy_parallel()
+
+
+def export_checkpoint(rank, world_size, ckpt_dir, model_dir, out_dir):
+    from maspo_megatron.megatron.export import export_checkpoint_to_hf
+
+    export_checkpoint_to_hf(ckpt_dir, model_dir, out_dir, tp=1, dtype=torch.float32)
+
+
+def _load_dir(path):
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    tensors = {}
+    for name in sorted(set(weight_map.values())):
+        tensors.update(load_file(os.path.join(path, name)))
+    return weight_map, tensors
+
+
+@pytest.mark.slow
+def test_save_hf_at_pp2_vpp2_round_trips_bit_exact_in_layer_order(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir, out = str(tmp_path / "model"), str(tmp_path / "out")
+    make_tiny_llama(model_dir)
+    run_distributed(save_hf_at_vpp, 2, model_dir, out)
+    weight_map, exported = _load_dir(out)
+    original = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    # Files follow HF's layer order although each pipeline rank holds layers {r, r + 2}.
+    layer_file = {}
+    for name, file in weight_map.items():
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            layer_file[layer] = max(layer_file.get(layer, file), file)
+    assert [layer_file[i] for i in range(4)] == sorted(layer_file[i] for i in range(4))
+    assert weight_map["model.embed_tokens.weight"] <= layer_file[0] <= layer_file[3] <= weight_map["lm_head.weight"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
