@@ -86,6 +86,7 @@ def train(rank, world_size, model_dir, pp, vpp, ckpt_dir):
     _, big = fresh_actor(micro_batch_tokens=4096)
     out["one_budget_micro"] = len(big._micro_batches(batch, torch.arange(len(batch))))
     out["one_budget_logprobs"], _ = big.compute_logprobs(batch)
+    out["one_budget_step"] = big.train_step(batch)  # as many micro-batches as stages
     out["metrics"] = []
     for step in range(STEPS):
         out["metrics"].append(actor.train_step(batch))
@@ -162,6 +163,8 @@ def test_pp2_vpp2_logprobs_train_step_and_checkpoint_equal_pp1(tmp_path):
     for r in results:
         torch.testing.assert_close(r["old_logprobs"], ref["old_logprobs"], atol=1e-5, rtol=0)
         torch.testing.assert_close(r["one_budget_logprobs"], ref["old_logprobs"], atol=1e-5, rtol=0)
+        for key in ("loss", "grad_norm"):
+            assert abs(r["one_budget_step"][key] - ref["one_budget_step"][key]) < 1e-5, key
         for mine, theirs in zip(r["metrics"], ref["metrics"]):
             assert abs(mine["loss"] - theirs["loss"]) < 1e-5, (mine["loss"], theirs["loss"])
             assert abs(mine["grad_norm"] - theirs["grad_norm"]) < 1e-5, (mine["grad_norm"], theirs["grad_norm"])

@@ -312,6 +312,10 @@ class Actor:
         if len(model_chunks) != (vpp if self.interleaved else 1):
             raise ValueError(f"{len(model_chunks)} model chunks on this rank, but the parallel state has "
                              f"{vpp or 1} virtual pipeline stage(s) (build them with build_model)")
+        if self.interleaved:
+            from maspo_megatron.megatron.interleaved import use_interleaved_p2p
+
+            use_interleaved_p2p(config)
         self.optimizer = self.scheduler = None
         self.model = model_chunks
         self.steps = 0
@@ -442,7 +446,7 @@ class Actor:
             micro = next(data_iterator)
             return self._forward(model, micro, entropy), partial(loss_func, micro)
 
-        data, extra = iter(micro_batches), {}
+        data = iter(micro_batches)
         if self.interleaved:
             from maspo_megatron.megatron import interleaved
 
@@ -451,9 +455,8 @@ class Actor:
             config = self.spec.transformer_config
             config.microbatch_group_size_per_vp_stage = interleaved.interleave_group_size(
                 len(micro_batches), self.pp_size)
-            extra = interleaved.schedule_kwargs(config)
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=self.model, **extra,
+            forward_step_func=forward_step, data_iterator=data, model=self.model,
             num_microbatches=len(micro_batches),
             seq_length=max(self._model_inputs(m)[0].shape[1] for m in micro_batches),
             micro_batch_size=max(self._model_inputs(m)[0].shape[0] for m in micro_batches),
