@@ -109,10 +109,11 @@ def make_model_spec(
     family = get_family(hf_config)
     arch = family.arch_config(hf_config)
     vpp = getattr(parallel, "vpp", None)
-    if arch.num_layers % (parallel.pp * (vpp or 1)):
-        stages = f"parallel.pp * parallel.vpp = {parallel.pp}*{vpp}" if vpp else f"parallel.pp={parallel.pp}"
-        raise ValueError(f"config.json num_hidden_layers={arch.num_layers} is not divisible by {stages} "
-                         "(every pipeline stage, virtual stages included, holds as many layers)")
+    if arch.num_layers % parallel.pp:
+        raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pp={parallel.pp}")
+    if vpp and arch.num_layers % (parallel.pp * vpp):
+        raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by parallel.pp * parallel.vpp = "
+                         f"{parallel.pp}*{vpp} (every virtual pipeline stage holds as many layers)")
     actual = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size(),
               parallel_state.get_virtual_pipeline_model_parallel_world_size())
