@@ -305,6 +305,7 @@ class Actor:
         self.dp_rank = ps.get_data_parallel_rank()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()  # of this rank; its chunks: spec.post_process
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         # Virtual pipeline stages: megatron's interleaved 1F1B schedule, one chunk per stage.
         vpp = ps.get_virtual_pipeline_model_parallel_world_size()
