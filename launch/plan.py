@@ -83,7 +83,7 @@ def make_plan(recipe: str, overrides: list[str] | tuple[str, ...], *, train_node
 
     ``gpu_gb``: GPU memory in GiB; the memory plan (:func:`check_memory`) must fit it (None skips).
 
-    A recipe that is not implemented (e.g. the MoE one) raises its NotImplementedError.
+    A recipe whose model or layout is not implemented raises its NotImplementedError.
     """
     require_positive("--train-nodes", train_nodes)
     require_positive("train GPUs per node", train_gpus_per_node)

@@ -11,8 +11,9 @@ requests fail and are retried on the servers still in service; with none left, s
 weights, so it is only *ready*: the trainer re-syncs it to the current weights and proves it
 (a collective over all ranks, see ``Trainer._resync``), then :meth:`RolloutEngine.back_in_service`
 returns it to the rotation (``POST /workers`` on the router). A dead router is restarted with the
-servers in service. The client also refuses any sample whose weight version is not the current
-one, so a server that slipped back early can never feed stale samples.
+servers in service. The client also refuses any sample with a token of a weight version it does
+not accept (the current one; with ``rollout.pipeline=one_step_off`` also the one before, while a
+rollout spans a sync), so a server that slipped back early can never feed stale samples.
 """
 
 from __future__ import annotations
@@ -62,9 +63,30 @@ class RolloutConfig:
     """Seconds between checks that launched servers and the router are alive (a dead one is
     taken out of service and restarted)."""
     client: RolloutClientConfig = field(default_factory=RolloutClientConfig)
+    pipeline: str = "sync"
+    """``sync``: each step's rollout runs, then training waits for it. ``one_step_off``: step
+    k+1's rollout is generated while step k trains, so its samples are at most one weight
+    version older than the trainer's (the staleness bound, checked before every update)."""
+    partial: str | None = None
+    """With ``one_step_off``, what a weight sync does to the responses in flight: None (the sync
+    waits until they are finished), ``continue`` (paused by retraction, then continued under the
+    new weights; each token's version is the server's record) or ``abort`` (aborted, and
+    sampled again from the start under the new weights)."""
+    routing_replay: bool = False
+    """Routing replay (R3) for MoE models: the servers return each token's routed experts and
+    the trainer's routers use them in the old-log-prob and train passes (launched servers get
+    the engine's flag; attached ``server_urls`` must have been started with it). Refused for a
+    dense model, and with a router (sglang-router 0.3.2 drops the request field)."""
 
     def __post_init__(self):
         get_backend(self.engine)  # raises naming the valid engines
+        if self.pipeline not in ("sync", "one_step_off"):
+            raise ValueError(f"rollout.pipeline must be 'sync' or 'one_step_off', got {self.pipeline!r}")
+        if self.partial not in (None, "continue", "abort"):
+            raise ValueError(f"rollout.partial must be None, 'continue' or 'abort', got {self.partial!r}")
+        if self.partial is not None and self.pipeline != "one_step_off":
+            raise ValueError(f"rollout.partial={self.partial!r} needs rollout.pipeline=one_step_off "
+                             "(in sync mode no response is in flight at a weight sync)")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"rollout.device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.n_samples < 2:
@@ -73,11 +95,32 @@ class RolloutConfig:
             raise ValueError("rollout.num_servers must be >= 1 (or give rollout.server_urls)")
         if not self.watch_interval_s > 0:
             raise ValueError(f"rollout.watch_interval_s must be > 0, got {self.watch_interval_s}")
+        if self.routing_replay and (self.use_router or self.router_url):
+            # Found by running it: sglang-router 0.3.2 parses /generate into its own request type,
+            # which has no return_routed_experts, so the servers never see it.
+            raise ValueError(
+                "rollout.routing_replay=True needs rollout.use_router=False and no rollout.router_url: "
+                "sglang-router 0.3.2 drops return_routed_experts from /generate requests, so no routes "
+                "would come back; without a router the client spreads requests over the servers itself")
 
     def server_spec(self, model_path: str) -> ServerSpec:
+        extra = get_backend(self.engine).routing_replay_args() if self.routing_replay else []
         return ServerSpec(model_path=model_path, tp_size=self.sglang_tp, device=self.device,
                           dtype=self.dtype, mem_fraction_static=self.mem_fraction_static,
-                          max_total_tokens=self.max_total_tokens)
+                          max_total_tokens=self.max_total_tokens, extra_args=extra)
+
+
+def routing_replay_shape(model_path: str) -> tuple[int, int]:
+    """``(layers, topk)`` of the routes an MoE model's rollouts carry (HF ``config.json``:
+    ``num_hidden_layers``, ``num_experts_per_tok``); ValueError for a dense model."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)
+    if not hf.get("num_experts_per_tok"):
+        raise ValueError(f"rollout.routing_replay=True needs an MoE model, but {model_path} is dense "
+                         f"(its config.json has no num_experts_per_tok; architectures "
+                         f"{hf.get('architectures')}); set rollout.routing_replay=False")
+    return int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"])
 
 
 @dataclass
@@ -96,6 +139,13 @@ class RolloutGroup:
     """Per sample: the reward function's error (its traceback) when it raised or its worker died."""
     timeouts: list[bool] = field(default_factory=list)
     """Per sample: the reward function ran past ``reward.timeout_s`` (the reward is then 0)."""
+    versions: list[list[str] | None] = field(default_factory=list)
+    """Per sample, the weight version of each response token as the server recorded it (None:
+    the server sent no per-token record; ``answered`` then holds the version it answered with)."""
+    answered: list[str | None] = field(default_factory=list)
+    """Per sample, the server's weight version when it answered."""
+    routed_experts: list = field(default_factory=list)
+    """Per sample (routing replay only): int32 ``[prompt + output - 1, layers, topk]``."""
 
 
 class RolloutEngine:
@@ -137,7 +187,12 @@ class RolloutEngine:
         self._generation = {u: 0 for u in self._order}  # restarts: a new weight-update group each
         self._down_since: dict[str, float] = {}
         self.client = RolloutClient(gen_urls, cfg.client, backend=self.backend, vocab_size=vocab_size,
-                                    describe=self.describe, outage=self.outage)
+                                    describe=self.describe, outage=self.outage,
+                                    routes=routing_replay_shape(model_path) if cfg.routing_replay else None)
+        if cfg.client.read_server_limits:  # each server kept at its own limit; a router at their sum
+            limits = {u: self.backend.max_running_requests(u) for u in self.servers.urls}
+            self.client.set_limits(limits if gen_urls == self.servers.urls else {gen_urls[0]: sum(limits.values())})
+            logger.info("rollout: requests in flight per server %s", limits)
         #: How a rollout's requests are run (the trainer swaps in its collective-aware runner).
         self.runner = self.client.run
         if self.servers.procs:
@@ -276,17 +331,41 @@ class RolloutEngine:
         return SamplingParams.from_config(self.cfg.sampling, sampling_seed=seed,
                                           stop_token_ids=[eos] if eos is not None else None)
 
-    def sample(self, prompts, n: int, seed_base: int) -> list[RolloutGroup]:
-        """n responses per prompt (one request each, so a retry never duplicates a sample)."""
+    def sample(self, prompts, n: int, seed_base: int, runner=None, enough=None) -> list[RolloutGroup]:
+        """n responses per prompt (one request each, so a retry never duplicates a sample).
+        ``runner`` runs the requests (default :attr:`runner`).
+
+        Over-sampling: with ``enough(groups)`` each prompt's group is scored as soon as its n
+        responses are in, and ``enough`` is asked with the groups complete so far (in prompt
+        order); True aborts the requests still running or waiting, and only complete groups are
+        returned (the aborted prompts' are not)."""
         requests = [
             RolloutRequest(index=i * n + j, input_ids=tuple(p.prompt_ids),
                            sampling=self._sampling(seed_base + i * n + j))
             for i, p in enumerate(prompts) for j in range(n)
         ]
-        samples = self.runner(requests, progress=_progress_bar("rollout"))
+        run = runner or self.runner
+        if enough is None:
+            return self._groups(prompts, n, run(requests, progress=_progress_bar("rollout")))
+        pending: dict[int, list] = {}
+        done: dict[int, RolloutGroup] = {}
+
+        def until(sample) -> bool:
+            i = sample.index // n
+            pending.setdefault(i, []).append(sample)
+            if len(pending[i]) < n:
+                return False
+            (done[i],) = self._groups([prompts[i]], n, sorted(pending.pop(i), key=lambda s: s.index))
+            return enough([done[k] for k in sorted(done)])
+
+        run(requests, progress=_progress_bar("rollout"), until=until)
+        return [done[k] for k in sorted(done)]
+
+    def _groups(self, prompts, n: int, samples) -> list[RolloutGroup]:
+        """Scored groups of ``prompts``; ``samples``: n per prompt, in prompt order."""
         # Special tokens stay in: a verifier must not see a response that began with <unk> as correct.
         texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=False) for s in samples]
-        scored = self.rewards.score(texts, [prompts[s.index // n].answer for s in samples])
+        scored = self.rewards.score(texts, [prompts[k // n].answer for k in range(len(samples))])
         groups = []
         for i, p in enumerate(prompts):
             chunk, res = samples[i * n:(i + 1) * n], scored[i * n:(i + 1) * n]
@@ -294,8 +373,10 @@ class RolloutEngine:
                 prompt_index=p.index, prompt_ids=list(p.prompt_ids), answer=p.answer,
                 outputs=[s.output_ids for s in chunk], logprobs=[s.logprobs for s in chunk],
                 finish=[s.finish_reason for s in chunk],
+                versions=[s.token_versions for s in chunk], answered=[s.weight_version for s in chunk],
                 rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
                 errors=[r.error for r in res], timeouts=[r.timeout for r in res],
+                routed_experts=[s.routed_experts for s in chunk] if self.cfg.routing_replay else [],
             ))
         return groups
 

@@ -6,7 +6,11 @@
   (:func:`make_toy_model` from the recipe module's ``HF_CONFIG``: architecture, biases, tied
   embeddings, RoPE type and scaling are kept; widths, depth, vocabulary and context shrink);
 - **layout**: TP and PP capped at 2 (what 2-4 CPU processes give), one data-parallel pair when
-  the recipe has no model parallelism (the recipe is data-parallel at scale), SGLang TP 1;
+  the recipe has no model parallelism (the recipe is data-parallel at scale), SGLang TP 1; an
+  expert-parallel recipe (MoE) keeps EP at 2 and PP up to 2 and runs at TP 1 (see
+  :func:`toy_layout`);
+- **experts** (MoE): 4 experts, top-2, expert width 32, every routing setting of the recipe's
+  ``HF_CONFIG`` kept (probability renormalisation, aux-loss coefficient, sparse-layer pattern);
 - **batch**: prompts per step, samples per prompt, mini-batches, response length (and with it
   the overlong buffer in proportion), prompt length and the micro-batch token budget in the
   recipe's proportion to a sequence;
@@ -47,8 +51,13 @@ TOY_MAX_PROMPT_LEN = 128
 TOY_REWARD_WORKERS = 2
 TOY_STEPS = 2
 
+TOY_EP_MAX = 2
+
 # Widths of the toy model: head_dim 16, two KV heads (TP <= 2 divides them).
 TOY_HIDDEN, TOY_HEADS, TOY_KV_HEADS, TOY_FFN, TOY_LAYERS_PER_STAGE = 64, 4, 2, 128, 2
+# The toy MoE: 4 experts (>= 4, so top-2 routing still chooses, and EP 2 holds 2 per rank).
+TOY_EXPERTS, TOY_TOPK, TOY_MOE_FFN = 4, 2, 32
+MOE_SIZE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "vocab_size", "max_window_layers", "layer_types",
@@ -61,14 +70,14 @@ scaling, activation, sliding window — is kept as the recipe gives it."""
 TOY_MAX_POSITIONS = 4096
 
 ROLLOUT_RECIPE_KEYS = ("n_samples", "sampling", "temperature", "top_p", "top_k", "max_new_tokens",
-                       "client", "server_urls", "router_url")
+                       "client", "server_urls", "router_url", "routing_replay")
 """``rollout`` fields that are the recipe's (sampling, group size, client retries) or the
 caller's (attached servers); every other rollout field is the machine's and comes from tiny_cpu."""
 
 SHRUNK_KEYS = frozenset({
     "model.path", "data.train_path", "output_dir", "steps",                      # the run
     "model.dtype", "model.fp8", "model.sequence_parallel",                       # precision, layout
-    "parallel.tp", "parallel.pp",                                                # layout
+    "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp",                 # layout
     "prompts_per_step", "rollout.n_samples", "actor.num_mini_batches",           # batch
     "rollout.sampling.max_new_tokens", "rollout.max_new_tokens", "data.max_prompt_len",
     "algorithm.overlong.max_response_length", "algorithm.overlong.buffer_length",
@@ -124,12 +133,21 @@ def _max_new_tokens_key(cfg) -> str:
         else "rollout.max_new_tokens"
 
 
-def toy_layout(tp: int, pp: int) -> tuple[int, int, int]:
-    """(tp, pp, processes) of the toy run: TP and PP capped at 2; a layout without model
-    parallelism gets two data-parallel ranks (so the distributed optimizer shards over DP)."""
+def toy_layout(tp: int, pp: int, ep: int = 1) -> tuple[int, int, int, int]:
+    """(tp, pp, ep, processes) of the toy run: TP and PP capped at 2; a layout without model
+    parallelism gets two data-parallel ranks (so the distributed optimizer shards over DP).
+
+    Expert parallelism (``ep > 1``, an MoE recipe) is capped at 2 and runs at TP 1: megatron's
+    MoE layer refuses TP > 1 without sequence parallelism in training, and sequence parallelism
+    needs Transformer Engine (see :func:`shrink`). EP ranks are data-parallel ranks of the dense
+    part, so the world is PP x EP: 2 or 4 processes.
+    """
+    if ep > 1:
+        pp, ep = min(pp, TOY_PP_MAX), min(ep, TOY_EP_MAX)
+        return 1, pp, ep, pp * ep
     tp, pp = min(tp, TOY_TP_MAX), min(pp, TOY_PP_MAX)
     dp = 2 if tp * pp == 1 else 1
-    return tp, pp, tp * pp * dp
+    return tp, pp, 1, tp * pp * dp
 
 
 def shrink(cfg, *, model_path: str, train_path: str, output_dir: str,
@@ -157,9 +175,12 @@ def shrink(cfg, *, model_path: str, train_path: str, output_dir: str,
     _set(out, "model.fp8", None)
     # Layout. Sequence parallelism needs TE too: megatron-core's local layer spec (the one
     # without TE) asserts "sequence parallel not supported by torch LayerNorm".
-    tp, pp, procs = toy_layout(cfg.parallel.tp, cfg.parallel.pp)
+    tp, pp, ep, procs = toy_layout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     _set(out, "parallel.tp", tp)
     _set(out, "parallel.pp", pp)
+    _set(out, "parallel.ep", ep)
+    if cfg.parallel.etp is not None:  # None follows TP, as in the recipe
+        _set(out, "parallel.etp", min(cfg.parallel.etp, tp))
     _set(out, "model.sequence_parallel", False)
     # Batch: prompts, samples, mini-batches (each with whole groups, as at scale).
     prompts = min(cfg.prompts_per_step, TOY_PROMPTS_PER_STEP)
@@ -193,6 +214,8 @@ def shrink(cfg, *, model_path: str, train_path: str, output_dir: str,
             _set(out, f"rollout.{f.name}", copy.deepcopy(getattr(cpu.rollout, f.name)))
     _set(out, "rollout.server_urls", list(server_urls or []))
     _set(out, "rollout.router_url", None)
+    if out.rollout.routing_replay:  # the routes do not pass through sglang-router
+        _set(out, "rollout.use_router", False)
     revalidate(out)
     return out, procs
 
@@ -298,14 +321,19 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def toy_hf_config(hf_config: dict, *, pp: int = 1) -> dict:
-    """``hf_config`` (a recipe's ``HF_CONFIG``) with toy sizes: every key but ``SIZE_KEYS`` kept.
-    Grouped-query attention stays grouped (4 heads over 2 KV heads) unless the model has none."""
-    out = {k: v for k, v in hf_config.items() if k not in SIZE_KEYS + NUMERIC_KEYS}
+    """``hf_config`` (a recipe's ``HF_CONFIG``) with toy sizes: every key but ``SIZE_KEYS`` (and
+    an MoE's ``MOE_SIZE_KEYS``) kept. Grouped-query attention stays grouped (4 heads over 2 KV
+    heads) unless the model has none; an MoE keeps 4 experts, top-2 (fewer if it has fewer)."""
+    out = {k: v for k, v in hf_config.items() if k not in SIZE_KEYS + NUMERIC_KEYS + MOE_SIZE_KEYS}
     grouped = hf_config["num_attention_heads"] != hf_config.get("num_key_value_heads", hf_config["num_attention_heads"])
     out.update(hidden_size=TOY_HIDDEN, intermediate_size=TOY_FFN, num_attention_heads=TOY_HEADS,
                num_key_value_heads=TOY_KV_HEADS if grouped else TOY_HEADS,
                num_hidden_layers=TOY_LAYERS_PER_STAGE * min(pp, TOY_PP_MAX),
                max_position_embeddings=TOY_MAX_POSITIONS)
+    if "num_experts" in hf_config:  # MoE: fewer, narrower experts; routing settings stay
+        out.update(num_experts=min(hf_config["num_experts"], TOY_EXPERTS),
+                   num_experts_per_tok=min(hf_config["num_experts_per_tok"], TOY_TOPK),
+                   moe_intermediate_size=TOY_MOE_FFN)
     return out
 
 
@@ -374,7 +402,7 @@ def toy_assets(recipe, cfg, out_dir: str) -> dict[str, str]:
         raise NotImplementedError(f"no toy data for reward {fn!r} (recipe {getattr(recipe, '__name__', recipe)}): "
                                   "add some to maspo_megatron/toy.py:toy_assets")
     hf = getattr(recipe, "HF_CONFIG", DEFAULT_HF_CONFIG)
-    _, pp, _ = toy_layout(cfg.parallel.tp, cfg.parallel.pp)
+    _, pp, _, _ = toy_layout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     toy = toy_hf_config(hf, pp=pp)
     key = hashlib.sha256(json.dumps(toy, sort_keys=True).encode()).hexdigest()[:10]
     model_dir = os.path.join(out_dir, f"{toy['model_type']}-{key}")

@@ -21,6 +21,20 @@ the rest of the step. A ``wait`` command every ``_HEARTBEAT_S`` keeps the other 
 timeout from firing during long rollouts. The step's weight sync then goes to the servers in
 service (:meth:`_sync`); one that dies during it is dropped and the others are synced again.
 
+Pipelining (``rollout.pipeline``): in ``sync`` mode each step's rollout runs while the trainer
+waits. In ``one_step_off`` rank 0 starts the next step's rollout on a thread (the whole of
+:meth:`Trainer.collect`, dynamic sampling rounds and rewards included) right after taking the
+current step's, so it is generated while the step trains, with the weights the servers hold:
+its samples are one version behind when they are trained (the decoupled objective of
+``algo/objective.py`` corrects for it). Before the weight sync the trainer waits for that rollout
+(``rollout.partial`` None), or the sync lands while it is in flight: ``continue`` retracts the
+running requests and continues them under the new weights (SGLang records each token's version),
+``abort`` aborts them and the client samples them again. Every trained token's version (the
+server's record) is checked against the staleness bound before the update
+(:meth:`Trainer._check_versions`) and written to ``prompts.jsonl``; a checkpoint taken while a
+rollout is prefetched stores the data cursor from before it, so a resume draws those prompts
+again. A server restarted meanwhile is re-synced when the trainer next waits for a rollout.
+
 Interrupts: SIGTERM/SIGINT on any rank (forwarded by the CLI and torchrun) end the run cleanly,
 rank 0 printing ``interrupted at step N; last checkpoint: step M`` (``runtime/lifetime.py``).
 """
@@ -47,6 +61,7 @@ from maspo_megatron.algo.filters import OverlongConfig, dynamic_sampling_keep, o
 from maspo_megatron.config import to_dict
 from maspo_megatron.data import DataConfig
 from maspo_megatron.megatron.actor import ActorConfig, SequenceBatch
+from maspo_megatron.megatron.routing_replay import filler_routes
 from maspo_megatron.megatron.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -60,6 +75,7 @@ from maspo_megatron.generation import (
     RolloutGroup,
     check_reward_failures,
     rollout_stats,
+    routing_replay_shape,
 )
 from maspo_megatron.rollout.backend import WeightSyncError
 from maspo_megatron.rollout.weight_sync import WeightSyncConfig
@@ -89,6 +105,10 @@ class ModelConfig:
     """Megatron sequence parallelism (needs TP > 1; GPU)."""
     recompute_granularity: str | None = None
     """Activation recomputation: ``full`` or ``selective``; None keeps activations."""
+    moe_aux_loss_coeff: float | None = None
+    """Mixture-of-experts models: coefficient of the load-balancing loss (megatron's per-layer
+    ``aux_loss``) added to the objective; None: the checkpoint's ``router_aux_loss_coef``; 0
+    turns it off. Rejected for dense models."""
     transformer_overrides: dict = field(default_factory=dict)
     """Any other megatron ``TransformerConfig`` fields, as JSON on the command line."""
 
@@ -101,6 +121,10 @@ class ModelConfig:
             raise ValueError(f"model.fp8_recipe must be delayed/tensorwise/blockwise/mxfp8, got {self.fp8_recipe!r}")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError("model.recompute_granularity must be None, 'full' or 'selective'")
+        if self.moe_aux_loss_coeff is not None and not (
+                isinstance(self.moe_aux_loss_coeff, (int, float)) and 0 <= self.moe_aux_loss_coeff < math.inf):
+            raise ValueError(f"model.moe_aux_loss_coeff must be None or a finite number >= 0, "
+                             f"got {self.moe_aux_loss_coeff!r}")
 
     def megatron_overrides(self) -> dict:
         """TransformerConfig fields this config sets beyond the HF translation."""
@@ -116,6 +140,8 @@ class ModelConfig:
             out.update(recompute_granularity=self.recompute_granularity)
             if self.recompute_granularity == "full":
                 out.update(recompute_method="uniform", recompute_num_layers=1)
+        if self.moe_aux_loss_coeff is not None:
+            out.update(moe_aux_loss_coeff=float(self.moe_aux_loss_coeff))
         out.update(self.transformer_overrides)
         return out
 
@@ -127,6 +153,9 @@ class AlgorithmConfig:
     """Drop groups whose rewards are all equal (no signal) and sample more prompts (DAPO)."""
     max_sampling_rounds: int = 4
     """Rollout rounds per step to fill the batch with informative groups."""
+    oversample: float = 1.0
+    """Over-sampling for dynamic sampling: each round draws this many times the prompts it still
+    needs, and aborts the requests left once enough informative groups are complete (1.0: off)."""
     overlong_penalty: bool = False
     """DAPO's soft length penalty added to rewards (see ``overlong``)."""
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -136,6 +165,11 @@ class AlgorithmConfig:
     def __post_init__(self):
         if self.max_sampling_rounds < 1:
             raise ValueError(f"algorithm.max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        if not self.oversample >= 1.0:
+            raise ValueError(f"algorithm.oversample must be >= 1.0 (1.0: off), got {self.oversample}")
+        if self.oversample > 1.0 and not self.dynamic_sampling:
+            raise ValueError("algorithm.oversample > 1 over-samples for dynamic sampling: it needs "
+                             "algorithm.dynamic_sampling=true")
 
 
 @dataclass
@@ -191,6 +225,7 @@ class TrainerConfig:
                 "filtering is implemented; train with top_p=1.0 and top_k=-1 (eval may filter)")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        self._check_pipeline()
         for key in ("save_every", "eval_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0: {'only at the end' if key == 'save_every' else 'never'}), "
@@ -198,6 +233,32 @@ class TrainerConfig:
         for key in ("eval_samples", "eval_prompts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    def _check_pipeline(self) -> None:
+        """What ``rollout.pipeline=one_step_off`` and ``rollout.partial`` need of the other sections."""
+        ro = self.rollout
+        if ro.pipeline == "sync":
+            return
+        if self.actor.tis_cap is None:
+            raise ValueError("rollout.pipeline=one_step_off trains on samples up to one weight version old: "
+                             "the decoupled objective's behaviour weight needs actor.tis_cap (e.g. 2.0)")
+        if self.weight_sync.mode == "colocated":
+            raise ValueError("rollout.pipeline=one_step_off generates while the trainer trains: "
+                             "weight_sync.mode=colocated frees the servers' GPU memory for training")
+        if self.reward.num_workers < 1:
+            raise ValueError("rollout.pipeline=one_step_off scores rewards on the rollout thread, where an "
+                             "inline reward (reward.num_workers=0) has no time limit: set reward.num_workers >= 1")
+        needs = {"continue": "retract", "abort": "abort"}.get(ro.partial)
+        if needs is not None and self.weight_sync.pause_mode != needs:
+            raise ValueError(f"rollout.partial={ro.partial} needs weight_sync.pause_mode={needs} "
+                             f"(got {self.weight_sync.pause_mode!r}): "
+                             + ("retracted requests keep their tokens and are recomputed under the new weights"
+                                if needs == "retract" else "in-flight requests must end so they are sampled again"))
+
+    @property
+    def staleness_bound(self) -> int:
+        """How many weight versions a trained sample may lag the trainer."""
+        return 1 if self.rollout.pipeline == "one_step_off" else 0
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -286,8 +347,13 @@ def _console(step: int, total: int, m: dict, elapsed: float, steps_here: int) ->
 # ----------------------------------------------------------------------------- batches
 
 
-def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_truncated: bool) -> SequenceBatch:
-    """Right-padded prompt+response ids with per-token response masks and advantages."""
+def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_truncated: bool,
+                routes: tuple[int, int] | None = None) -> SequenceBatch:
+    """Right-padded prompt+response ids with per-token response masks and advantages.
+
+    ``routes``: ``(layers, topk)`` under routing replay: every sample must carry its routed
+    experts (``[prompt + output - 1, layers, topk]``); a missing or misshapen one is an error
+    naming the sample, never a silent fallback to the trainer's own routing."""
     rows = [(g.prompt_ids, out, lp, fin) for g in groups
             for out, lp, fin in zip(g.outputs, g.logprobs, g.finish)]
     length = max(len(p) + len(o) for p, o, _, _ in rows)
@@ -303,10 +369,25 @@ def build_batch(groups: list[RolloutGroup], advantages: torch.Tensor, mask_trunc
         if not (mask_truncated and fin == "length"):
             mask[i, len(p): len(p) + len(o)] = True
         rollout_lp[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    routed = None
+    if routes is not None:
+        routed = filler_routes((n, length), *routes)  # the last token and the padding
+        i = 0
+        for g in groups:
+            got = g.routed_experts or [None] * len(g.outputs)
+            for j, (out, r) in enumerate(zip(g.outputs, got)):
+                want = (len(g.prompt_ids) + len(out) - 1, *routes)
+                if r is None or tuple(r.shape) != want:
+                    raise ValueError(
+                        f"routing replay: sample {j} of prompt {g.prompt_index} has routed experts "
+                        f"{None if r is None else tuple(r.shape)}, expected {want} (tokens - 1, layers, "
+                        "topk): the rollout's routes did not reach training")
+                routed[i, : want[0]] = r
+                i += 1
     return SequenceBatch(
         input_ids=ids, lengths=lengths, response_mask=mask,
         advantages=advantages.reshape(-1).float(),
-        rollout_logprobs=rollout_lp,
+        rollout_logprobs=rollout_lp, routed_experts=routed,
     )
 
 
@@ -328,6 +409,38 @@ def broadcast_batch(batch: SequenceBatch | None) -> SequenceBatch:
 
 
 
+def _spans(versions: list[int]) -> list[list[int]]:
+    """Run-length form of per-token versions: ``[[version, tokens], ...]``."""
+    out: list[list[int]] = []
+    for v in versions:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+class _Background:
+    """``fn()`` on a daemon thread of rank 0 (a rollout); :meth:`Trainer._await` waits for it."""
+
+    def __init__(self, fn, name: str, step: int | None = None):
+        self.step = step
+        self._box: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by result() in the main thread
+            self._box["error"] = e
+
+    def result(self):
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["out"]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -343,6 +456,9 @@ class Trainer:
         self.version = 0  # the weights version the actor holds (= steps trained)
         self.step_in_progress = 0  # the step being run (1-based), or the last one done between steps
         self.last_checkpoint: int | None = None
+        self._prefetch: _Background | None = None  # rank 0: the next step's rollout, in flight
+        self._prefetch_cursor: dict | None = None  # the data cursor before it drew its prompts
+        self.routes: tuple[int, int] | None = None  # (layers, topk) under routing replay
 
     # --------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -364,10 +480,15 @@ class Trainer:
             # A run resumed under another TP must rebuild the vocabulary padding it saved.
             vocab_multiple = vocab_multiple_for(self._ckpt_dir(), cfg.parallel.tp)
 
+        overrides = cfg.model.megatron_overrides()
+        if cfg.rollout.routing_replay:
+            self.routes = routing_replay_shape(cfg.model.path)  # refuses a dense model, naming the key
+            overrides["moe_enable_routing_replay"] = True
+
         def hf_model():
             chunks = build_model(cfg.model.path, cfg.parallel, dtype=dtype,
                                  make_vocab_size_divisible_by=vocab_multiple,
-                                 config_overrides=cfg.model.megatron_overrides())
+                                 config_overrides=overrides)
             load_hf_checkpoint(chunks, cfg.model.path)
             return chunks
 
@@ -455,35 +576,51 @@ class Trainer:
             self.sink.cut(self.start_step)
             _cut_jsonl(os.path.join(self.cfg.output_dir, "prompts.jsonl"), self.start_step)
 
+    def _data_cursor(self) -> dict:
+        """Rank 0: the cursor a checkpoint saves. A prefetched rollout is not trained yet: a
+        resume draws its prompts again."""
+        return self._prefetch_cursor if self._prefetch is not None else self.loader.state_dict()
+
     def save(self, step: int) -> None:
         from maspo_megatron.preflight import run_record
 
         extra = {"bad_steps": self.bad_steps}
         if self.is_driver:
-            extra["data_cursor"] = self.loader.state_dict()
+            extra["data_cursor"] = self._data_cursor()
             extra["run"] = run_record(self.cfg)  # what the resume guard compares a later run with
         save_checkpoint(self._ckpt_dir(), step, self.actor.model, self.actor.optimizer,
                         self.actor.scheduler, extra_state=extra)
         self.last_checkpoint = step
 
     # --------------------------------------------------------------------- rollouts
-    def collect(self, step: int) -> tuple[list[RolloutGroup], dict]:
+    def collect(self, step: int, runner=None) -> tuple[list[RolloutGroup], dict]:
         """Rollout rounds until ``prompts_per_step`` informative groups (or the round limit).
+        ``runner`` runs the requests (default: the engine's, which re-syncs restarted servers).
 
-        Appends the dataset indices of every prompt drawn for the step, and of those trained on,
+        Appends the dataset indices of every prompt drawn for the step, of those aborted by
+        over-sampling (drawn, not trained: like an uninformative group) and of those trained on,
+        with the weight versions of each trained sample's tokens (``[[version, tokens], ...]``),
         to ``output_dir/prompts.jsonl`` (after a resume, a step's later record supersedes).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         n = cfg.rollout.n_samples
+        retries0 = self.engine.client.retries  # a prefetched rollout's happen during the step before
         kept: list[RolloutGroup] = []
         seen: list[RolloutGroup] = []
+        drawn: list[int] = []
         rounds = 0
         while len(kept) < cfg.prompts_per_step and rounds < alg.max_sampling_rounds:
             need = cfg.prompts_per_step - len(kept)
-            prompts = self.loader.next_batch(need)
-            groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000)
+            prompts = self.loader.next_batch(math.ceil(need * alg.oversample))
+            enough = None
+            if len(prompts) > need:  # over-sampling: the rest is aborted once `need` groups are informative
+                def enough(done, need=need):
+                    return int(dynamic_sampling_keep(torch.tensor([g.rewards for g in done])).sum()) >= need
+            groups = self.engine.sample(prompts, n, seed_base=(cfg.seed * 1_000_003 + step * 1009 + rounds) * 10_000,
+                                        runner=runner, enough=enough)
             rounds += 1
             seen += groups
+            drawn += [p.index for p in prompts]
             check_reward_failures(groups, cfg.reward, step + 1)  # raises over reward.max_error_rate
             if alg.dynamic_sampling:
                 keep = dynamic_sampling_keep(torch.tensor([g.rewards for g in groups]))
@@ -492,8 +629,11 @@ class Trainer:
                 kept += groups
             if not alg.dynamic_sampling:
                 break
+        complete = {g.prompt_index for g in seen}
+        aborted = [i for i in drawn if i not in complete]
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
-                "sampling/groups_seen": len(seen)}
+                "sampling/groups_seen": len(seen), "sampling/groups_aborted": len(aborted),
+                "rollout/retries": self.engine.client.retries - retries0}
         failures = check_reward_failures(seen, cfg.reward, step + 1)
         if failures:
             print(failures, flush=True)
@@ -503,27 +643,29 @@ class Trainer:
                   f"training on {len(kept)} groups", flush=True)
         kept = kept[: cfg.prompts_per_step]
         with open(os.path.join(cfg.output_dir, "prompts.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step + 1, "drawn": [g.prompt_index for g in seen],
-                                "trained": [g.prompt_index for g in kept]}) + "\n")
+            f.write(json.dumps({"step": step + 1, "drawn": drawn, "aborted": aborted,
+                                "trained": [g.prompt_index for g in kept],
+                                "versions": [[_spans(self._versions(g, j)) for j in range(len(g.outputs))]
+                                             for g in kept]}) + "\n")
         return kept, {**info, **rollout_stats(seen)}
 
     # --------------------------------------------------------------------- one step
     def step(self, step: int) -> dict | None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        retries0 = self.engine.client.retries if self.is_driver else 0
-        collected = self._rollout_phase(lambda: self.collect(step), f"the rollout of step {step + 1}")
+        collected = self._rollout_phase(lambda: self._rollout(step), f"the rollout of step {step + 1}")
+        if self.is_driver and cfg.rollout.pipeline == "one_step_off" and step + 1 < cfg.steps:
+            self._start_prefetch(step + 1)  # generated while this step trains
         batch, info = None, {}
         if self.is_driver:
             groups, info = collected
-            info["rollout/retries"] = self.engine.client.retries - retries0
             if groups:
                 rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
                 if cfg.algorithm.overlong_penalty:
                     lengths = torch.tensor([[len(o) for o in g.outputs] for g in groups])
                     rewards = rewards + overlong_penalty(lengths, cfg.algorithm.overlong)
                 adv = group_advantages(rewards, cfg=cfg.algorithm.advantage)
-                batch = build_batch(groups, adv, cfg.algorithm.mask_truncated)
+                batch = build_batch(groups, adv, cfg.algorithm.mask_truncated, self.routes)
         have = [batch is not None and len(batch) >= self.actor.dp_size]
         dist.broadcast_object_list(have, src=0)
         t_rollout = time.perf_counter() - t0
@@ -549,6 +691,10 @@ class Trainer:
                       flush=True)
         else:
             self.bad_steps = 0
+        if cfg.rollout.pipeline == "one_step_off" and cfg.rollout.partial is None and step + 1 < cfg.steps:
+            # No response may be in flight at the sync: the next step's rollout ends first.
+            self._rollout_phase(lambda: self._await(self._prefetch), f"the rollout of step {step + 2}")
+        t_drain = time.perf_counter()
         sync = self._sync(step + 1)
         t3 = time.perf_counter()
         if not self.is_driver:
@@ -560,7 +706,9 @@ class Trainer:
             **{f"actor/{k}": v for k, v in train.items()},
             "actor/entropy_old": float(entropy[mask].mean()) if mask.any() else 0.0,
             "time/rollout_s": t_rollout, "time/logprob_s": t_logprob,
-            "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t2, "time/step_s": t3 - t0,
+            "time/train_s": t2 - t1 - t_logprob, "time/sync_s": t3 - t_drain, "time/step_s": t3 - t0,
+            # one_step_off without partial rollouts: the wait for the next rollout before the sync
+            "time/drain_s": t_drain - t2,
             **sync,
         }
         if gap is not None:
@@ -598,19 +746,73 @@ class Trainer:
         self._command(("done",))
         return out
 
-    def _generate(self, requests, progress=None):
-        """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread; meanwhile
-        the main thread re-syncs each restarted server as soon as it is healthy (collective)."""
-        box: dict = {}
+    def _rollout(self, step: int) -> tuple[list[RolloutGroup], dict]:
+        """Rank 0, in a rollout phase: the step's groups, prefetched during the previous step
+        (``one_step_off``) or collected now, checked against the staleness bound."""
+        pending, self._prefetch = self._prefetch, None
+        if pending is None:
+            groups, info = self.collect(step)
+        elif pending.step != step:
+            raise RuntimeError(f"the rollout prefetched for step {pending.step + 1} is not step {step + 1}'s")
+        else:
+            groups, info = self._await(pending)
+        return groups, {**info, **self._check_versions(groups)}
 
-        def work():
-            try:
-                box["samples"] = self.engine.client.run(requests, progress)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                box["error"] = e
+    def _start_prefetch(self, step: int) -> None:
+        """Rank 0: ``step``'s rollout on a thread while the current step trains. Its requests run
+        on the plain client: the main thread is busy in the training collectives, so a restarted
+        server is re-synced when the trainer next waits for a rollout (:meth:`_await`)."""
+        self._prefetch_cursor = self.loader.state_dict()
+        self._prefetch = _Background(lambda: self.collect(step, runner=self.engine.client.run),
+                                     f"rollout of step {step + 1}", step)
 
-        thread = threading.Thread(target=work, name="rollout", daemon=True)
-        thread.start()
+    def _versions(self, group: RolloutGroup, j: int) -> list[int]:
+        """The weight version of each response token of ``group``'s sample ``j``. Without the
+        server's per-token record a response holds the version it was answered with: only
+        ``rollout.partial=continue`` lets an update land during a request."""
+        tokens = group.versions[j]
+        if tokens is None:
+            if self.cfg.rollout.partial == "continue":
+                raise RuntimeError(f"prompt {group.prompt_index} sample {j}: the server sent no per-token "
+                                   "weight versions (meta_info.weight_versions), which rollout.partial=continue needs")
+            tokens = [group.answered[j]] * len(group.outputs[j])
+        try:
+            return [int(v) for v in tokens]
+        except (TypeError, ValueError):
+            raise RuntimeError(f"prompt {group.prompt_index} sample {j} was sampled with weight versions "
+                               f"{sorted(set(map(str, tokens)))}, not the trainer's step counts") from None
+
+    def _check_versions(self, groups: list[RolloutGroup]) -> dict[str, float]:
+        """The staleness bound, before any update: every trained token was sampled with weights
+        at most ``staleness_bound`` versions older than the trainer's (and none newer)."""
+        bound = self.cfg.staleness_bound
+        lags, mixed, samples = [], 0, 0
+        for g in groups:
+            for j in range(len(g.outputs)):
+                versions = self._versions(g, j)
+                lag = [self.version - v for v in versions]
+                if not all(0 <= x <= bound for x in lag):
+                    raise RuntimeError(
+                        f"prompt {g.prompt_index} sample {j} was sampled with weight versions {sorted(set(versions))} "
+                        f"but the trainer holds version {self.version}: rollout.pipeline={self.cfg.rollout.pipeline} "
+                        f"trains samples at most {bound} version(s) old")
+                lags += lag
+                mixed += len(set(versions)) > 1
+                samples += 1
+        if not samples:
+            return {}
+        return {"rollout/staleness_mean": float(np.mean(lags)) if lags else 0.0,
+                "rollout/staleness_max": float(max(lags, default=0)),
+                "rollout/mixed_version_frac": mixed / samples}
+
+    def _generate(self, requests, progress=None, until=None):
+        """Rank 0 (``RolloutEngine.runner``): the rollout's HTTP requests on a thread, awaited."""
+        return self._await(_Background(lambda: self.engine.client.run(requests, progress, until), "rollout"))
+
+    def _await(self, work: "_Background"):
+        """Rank 0, in a rollout phase: ``work``'s result; meanwhile the main thread re-syncs each
+        restarted server as soon as it is healthy (collective)."""
+        thread = work.thread
         last = time.monotonic()
         while thread.is_alive():
             thread.join(timeout=0.2)
@@ -622,9 +824,7 @@ class Trainer:
             elif time.monotonic() - last > _HEARTBEAT_S:
                 self._command(("wait",))
                 last = time.monotonic()
-        if "error" in box:
-            raise box["error"]
-        return box["samples"]
+        return work.result()
 
     def _resync(self, targets) -> None:
         """Collective: restarted servers ``[(url, generation)]`` get the current weights (a
@@ -685,7 +885,9 @@ class Trainer:
                           f"during it ({e}); sending to the others again", flush=True)
         if self.is_driver:
             # A restarted server comes back with the checkpoint's weights: never use its samples.
-            self.engine.client.expected_weight_version = str(version)
+            # A pipelined rollout in flight also gives tokens of the version before.
+            oldest = max(0, version - self.cfg.staleness_bound)
+            self.engine.client.accepted_weight_versions = {str(v) for v in range(oldest, version + 1)}
         return out
 
     def evaluate(self, step: int) -> dict:

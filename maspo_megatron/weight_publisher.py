@@ -5,8 +5,10 @@ One sender per pipeline stage: TP rank 0 of the first data-parallel replica stre
 HF-named tensors (``megatron.convert.export_hf``; with virtual pipeline stages, those of each of
 its model chunks) into the servers' weight-update group; its TP
 peers take part in the per-tensor TP all-gathers of the export; other data-parallel replicas
-hold the same weights and do nothing. Stages take turns (SGLang handles one update call at a
-time). Collective over all ranks.
+hold the same weights and do nothing. Mixture-of-experts models add one sender per
+expert-parallel rank of each stage (expert-TP rank 0 of the first expert-data-parallel replica):
+each sends its own experts (the first also the dense tensors), so no rank gathers all experts.
+Senders take turns (SGLang handles one update call at a time). Collective over all ranks.
 
 Changing servers: :meth:`WeightPublisher.publish` takes the servers of this sync, ``(url,
 generation)`` pairs from rank 0 (the same on every rank); when they differ from the last ones (a
@@ -34,7 +36,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.megatron.convert import export_hf
+from maspo_megatron.megatron.convert import export_hf, export_roles
 from maspo_megatron.rollout.backend import WeightSyncError
 from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig, WeightSyncer, make_turn_barrier
 
@@ -65,8 +67,9 @@ class WeightProof:
 
     def check(self, actor, client, urls: list[str], version) -> dict[str, float]:
         """Raises :class:`WeightProofError` on every rank when any server disagrees."""
-        # Untempered on both sides: the engine's prompt log-probs are log_softmax(logits).
-        ours, _ = actor.compute_logprobs(self.batch(), temperature=1.0)
+        # Untempered on both sides: the engine's prompt log-probs are log_softmax(logits). The
+        # probe has no rollout routes: an MoE model routes with its own router on both sides.
+        ours, _ = actor.compute_logprobs(self.batch(), temperature=1.0, replay=False)
         ours = ours[:, 1:]
         verdict = [None, {}]
         if dist.get_rank() == 0:
@@ -112,16 +115,22 @@ class WeightPublisher:
 
         self.cfg, self.backend, self.engine_ranks_per_server = cfg, backend, engine_ranks_per_server
         self.colocated = cfg.mode == "colocated"
-        self.in_export = ps.get_data_parallel_rank() == 0
-        self.is_sender = self.in_export and ps.get_tensor_model_parallel_rank() == 0
-        self.pp_rank = ps.get_pipeline_model_parallel_rank()
-        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        if (ps.get_expert_model_parallel_world_size() > 1
+                and ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()):
+            # A rank would then be a TP peer in another sender's dense all-gathers while waiting
+            # for its own turn to send its experts (a deadlock).
+            raise NotImplementedError("weight sync with expert parallelism and parallel.etp != parallel.tp "
+                                      "is not implemented; leave parallel.etp unset")
+        _, writes_dense, _, writes_experts = export_roles()
+        self.is_sender = writes_dense or writes_experts
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, self.is_sender)
         senders = [r for r, s in enumerate(flags) if s]
+        self.sender_index = senders.index(dist.get_rank()) if self.is_sender else None
+        self.num_senders = len(senders)
         # new_group is collective over the world, senders or not.
         group = dist.new_group(senders) if len(senders) > 1 else None
-        self.barrier = make_turn_barrier(group, device()) if self.is_sender and self.pp_size > 1 else None
+        self.barrier = make_turn_barrier(group, device()) if self.is_sender and len(senders) > 1 else None
         self.targets = tuple((u, 0) for u in server_urls)
         self.syncer = self._make_syncer([u for u, _ in self.targets])
 
@@ -130,7 +139,8 @@ class WeightPublisher:
             return None
         return WeightSyncer(urls, self.cfg, backend=self.backend,
                             engine_ranks_per_server=self.engine_ranks_per_server,
-                            sender_index=self.pp_rank, num_senders=self.pp_size, turn_barrier=self.barrier)
+                            sender_index=self.sender_index, num_senders=self.num_senders,
+                            turn_barrier=self.barrier)
 
     @property
     def _lead(self) -> bool:
@@ -187,19 +197,18 @@ class WeightPublisher:
 
     def _send(self, syncer: WeightSyncer | None, model, version: int) -> float:
         result = [0.0, None]
-        if self.in_export:
-            named = export_hf(model)
-            if self.is_sender:
-                try:
-                    result[0] = syncer.sync(named, version).gbps
-                except Exception as e:  # noqa: BLE001 - rank 0 tells every rank below
-                    result[1] = str(e) if isinstance(e, WeightSyncError) else f"{type(e).__name__}: {e}"
-                    # The TP peers are inside the export's per-tensor all-gathers: finish them.
-                    for _ in named:
-                        pass
-            else:
-                for _ in named:  # TP peer: join the export's all-gathers
+        named = export_hf(model, owned=True)
+        if self.is_sender:
+            try:
+                result[0] = syncer.sync(named, version).gbps
+            except Exception as e:  # noqa: BLE001 - rank 0 tells every rank below
+                result[1] = str(e) if isinstance(e, WeightSyncError) else f"{type(e).__name__}: {e}"
+                # The TP peers are inside the export's per-tensor all-gathers: finish them.
+                for _ in named:
                     pass
+        else:
+            for _ in named:  # TP peer: join the export's all-gathers (nothing for other replicas)
+                pass
         dist.broadcast_object_list(result, src=0)
         if result[1] is not None:
             if self.syncer is syncer:

@@ -61,8 +61,11 @@ NUM_MINI_BATCHES = PROMPTS_PER_STEP // MINI_BATCH_PROMPTS  # [D] 16 optimizer st
 
 
 def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp: int,
-                      output_dir: str, steps: int = 500) -> TrainerConfig:
+                      output_dir: str, steps: int = 500, routing_replay: bool = False) -> TrainerConfig:
     """The MASPO math-RL run around a model and a layout (see the module docstring for sources).
+
+    ``routing_replay`` (MoE only) replays SGLang's expert routes in training; the client then
+    spreads requests over the servers itself, because sglang-router drops the routes.
 
     ``model.path`` and ``data.train_path`` stay empty: the user gives them on the command line
     (``model.path=/hf/dir data.train_path=/data/train.parquet``); the launchers refuse to
@@ -91,7 +94,8 @@ def maspo_math_config(*, model: ModelConfig, parallel: ParallelConfig, sglang_tp
         ),
         reward=RewardConfig(fn="math", num_workers=16),
         rollout=RolloutConfig(
-            engine="sglang", sglang_tp=sglang_tp, use_router=True,  # [R]
+            engine="sglang", sglang_tp=sglang_tp, use_router=not routing_replay,  # [R]
+            routing_replay=routing_replay,  # [R]
             n_samples=SAMPLES_PER_PROMPT,  # [D]
             sampling=SamplingConfig(temperature=TEMPERATURE, top_p=1.0, top_k=-1,  # [D]
                                     max_new_tokens=MAX_RESPONSE_LEN),  # [D]

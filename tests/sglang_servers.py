@@ -23,7 +23,7 @@ def sglang_manager(model_dir: str, n: int, log_dir: str, **spec_fields) -> Serve
 
 def make_family_model(path: str, family: str, seed: int = 0, vocab: int = 64, layers: int = 2):
     """A random tiny HF model of ``family``: llama (untied), llama_tied, qwen2 (q/k/v biases),
-    qwen3 (QK-norm). Larger-than-default weights make outputs peaked and distinguishable."""
+    qwen3 (QK-norm), qwen3_moe (4 experts, top-2). Larger-than-default weights make outputs peaked and distinguishable."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -36,6 +36,10 @@ def make_family_model(path: str, family: str, seed: int = 0, vocab: int = 64, la
         cfg, cls = tf.Qwen2Config(**common, tie_word_embeddings=False), tf.Qwen2ForCausalLM
     elif family == "qwen3":
         cfg, cls = tf.Qwen3Config(**common, head_dim=8, tie_word_embeddings=False), tf.Qwen3ForCausalLM
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**common, head_dim=8, moe_intermediate_size=32, num_experts=4,
+                                num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+        cls = tf.Qwen3MoeForCausalLM
     else:
         raise ValueError(family)
     model = cls(cfg)

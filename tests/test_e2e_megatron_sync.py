@@ -37,8 +37,8 @@ def _server_logprobs(urls):
 
 def _corrupting(export, corrupt: str | None, heads: int):
     """Wraps the exporter to break the wire the way a conversion bug or a lost tensor would."""
-    def wrapped(model):
-        for name, t in export(model):
+    def wrapped(model, **kwargs):
+        for name, t in export(model, **kwargs):
             if corrupt == "permute_heads" and name == PERMUTED:
                 rows = t.shape[0] // heads
                 t = t.reshape(heads, rows, -1).roll(1, dims=0).reshape(t.shape)

@@ -68,7 +68,7 @@ def _stand_in(*, pack: bool, fp8: bool, sp: bool, tp: int, dp_size: int = 1, dp_
     with fp8 set needs TE)."""
     return SimpleNamespace(
         cfg=ActorConfig(micro_batch_tokens=120), pack=pack, dp_size=dp_size, dp_rank=dp_rank,
-        token_multiple=token_multiple(fp8=fp8, sequence_parallel=sp, tp=tp),
+        token_multiple=token_multiple(fp8=fp8, sequence_parallel=sp, tp=tp), replay=None,
     )
 
 

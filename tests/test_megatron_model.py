@@ -255,12 +255,6 @@ def test_unsupported_architecture_is_named():
         build_model(config, None)
 
 
-def test_qwen3_moe_not_implemented():
-    config = Qwen3Config(**_COMMON, architectures=["Qwen3MoeForCausalLM"])
-    with pytest.raises(NotImplementedError, match="Qwen3MoeForCausalLM"):
-        build_model(config, None)
-
-
 @pytest.mark.parametrize(
     ("change", "key"),
     [({"attention_bias": True}, "attention_bias"),

@@ -229,3 +229,236 @@ def test_recipe_defaults_and_cli_output(capsys):
     assert main(["plan", "--recipe", "maspo_r1_distill_7b", "--rollout-gpus", "0"]) == 0
     out = capsys.readouterr().out
     assert "TP2 x PP1 x DP8 = 16 GPUs" in out and "SGLang" not in out.split("\n\n", 1)[1]
+
+
+# --------------------------------------------------------------------------- MoE
+
+# config.json values of the real Qwen3-MoE checkpoints (architecture fields), Qwen/Qwen3-30B-A3B
+# and Qwen/Qwen3-235B-A22B on the Hub.
+MOE_MODELS = {
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                          rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, attention_bias=False,
+                          router_aux_loss_coef=0.001),
+    "qwen3-235b-a22b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=4096,
+                            intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+                            num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                            mlp_only_layers=[], num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                            max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                            hidden_act="silu", tie_word_embeddings=False, attention_bias=False,
+                            router_aux_loss_coef=0.001),
+}
+# 30.5B and 235B as the model cards state (30,532,122,624 and 235,093,634,560 exactly, by the
+# test below from HF's own model).
+MOE_PUBLISHED = {"qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560}
+MOE_RECIPE_MODEL = {"maspo_qwen3_30b_a3b": "qwen3-30b-a3b", "maspo_qwen3_235b_a22b": "qwen3-235b-a22b"}
+
+
+def moe_arch(values: dict, **over):
+    """(ArchConfig, MoE sizes) of a Qwen3-MoE config, read from its config.json fields directly
+    (independent of the family module)."""
+    from types import SimpleNamespace
+
+    from maspo_megatron.megatron.families.base import ArchConfig, RopeConfig
+
+    v = {**values, **over}
+    arch = ArchConfig(num_layers=v["num_hidden_layers"], hidden_size=v["hidden_size"],
+                      ffn_hidden_size=v["intermediate_size"], num_attention_heads=v["num_attention_heads"],
+                      num_query_groups=v["num_key_value_heads"], head_dim=v["head_dim"],
+                      vocab_size=v["vocab_size"], max_position_embeddings=v["max_position_embeddings"],
+                      norm_eps=v["rms_norm_eps"], rope=RopeConfig(theta=v["rope_theta"]),
+                      tie_word_embeddings=v["tie_word_embeddings"], qkv_bias=v["attention_bias"],
+                      qk_layernorm=True)
+    moe = SimpleNamespace(num_experts=v["num_experts"], ffn_hidden_size=v["moe_intermediate_size"],
+                          topk=v["num_experts_per_tok"])
+    return arch, moe
+
+
+def megatron_moe_rank_params(arch, moe, *, tp, pp, ep, etp, world, rank) -> tuple[int, int]:
+    """(all, expert) parameter elements of megatron-core's GPTModel with the local MoE layer spec
+    built as ``rank`` of a ``world`` (fake process group, meta device)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from maspo_megatron.megatron.model import padded_vocab_size
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                     create_gloo_process_groups=False)
+        config = TransformerConfig(
+            num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+            num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+            kv_channels=arch.head_dim, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+            add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
+            num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.ffn_hidden_size,
+            moe_router_topk=moe.topk, moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+            pipeline_dtype=torch.float32, perform_initialization=False, use_cpu_initialization=True,
+            init_model_with_meta_device=True)
+        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=False,
+                                        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        # The alltoall dispatcher creates a CUDA stream at construction; nothing runs here.
+        with torch.device("meta"), mock.patch("torch.cuda.is_available", return_value=False), \
+                mock.patch("torch.cuda.Stream", lambda *a, **k: None):
+            model = GPTModel(config=config, transformer_layer_spec=spec, position_embedding_type="rope",
+                             vocab_size=padded_vocab_size(arch.vocab_size, tp, 128),
+                             max_sequence_length=arch.max_position_embeddings,
+                             share_embeddings_and_output_weights=arch.tie_word_embeddings,
+                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        params = list(model.named_parameters())
+        expert = sum(p.numel() for n, p in params if ".mlp.experts." in n)
+        return sum(p.numel() for _, p in params), expert
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+# (tp, pp, ep, etp, world): expert TP following TP, expert TP 1 under TP 2, EP over all ranks,
+# EP x PP, and TP x EP x ETP x PP with a second expert-DP replica.
+MOE_LAYOUTS = [(1, 1, 1, None, 1), (1, 1, 2, None, 2), (2, 1, 2, None, 4), (2, 1, 2, 1, 4), (1, 1, 4, None, 4),
+               (1, 2, 2, None, 4), (2, 2, 2, 1, 8), (2, 2, 2, 2, 16)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tp, pp, ep, etp, world", MOE_LAYOUTS)
+def test_moe_stage_params_equal_megatrons_moe_model(tp, pp, ep, etp, world, tied):
+    """The plan's MoE formula is exactly the numel of megatron-core's MoE GPTModel on each
+    pipeline stage, on the first and the last rank of the stage (other TP / EP ranks)."""
+    arch, moe = moe_arch(MOE_MODELS["qwen3-30b-a3b"], hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000,
+                         num_experts=8, moe_intermediate_size=32, num_experts_per_tok=2, tie_word_embeddings=tied)
+    stages = memory.moe_stage_params(arch, moe, tp=tp, pp=pp, ep=ep, etp=etp)
+    assert len(stages) == pp
+    per_stage = world // pp  # megatron's rank order puts pipeline stages outermost
+    for st in stages:
+        for rank in (st.stage * per_stage, (st.stage + 1) * per_stage - 1):
+            assert megatron_moe_rank_params(arch, moe, tp=tp, pp=pp, ep=ep, etp=etp, world=world, rank=rank) \
+                == (st.params, st.expert), (st, rank)
+
+
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+def test_moe_formula_is_hfs_model_at_one_rank_and_reassembled(name):
+    """At TP = EP = PP = 1 (less vocabulary padding) the formula is HF's own Qwen3-MoE model, the
+    published count; at the recipes' layouts its shards reassemble to the same model."""
+    values = MOE_MODELS[name]
+    assert sum(p.numel() for p in hf_meta_model(values).parameters()) == MOE_PUBLISHED[name]
+    arch, moe = moe_arch(values)
+    (one,) = memory.moe_stage_params(arch, moe, tp=1, pp=1, make_vocab_size_divisible_by=1)
+    assert one.params == MOE_PUBLISHED[name]
+    for tp, pp, ep, etp in ((2, 1, 8, 1), (2, 2, 8, None), (4, 2, 8, None), (4, 2, 16, None)):
+        stages = memory.moe_stage_params(arch, moe, tp=tp, pp=pp, ep=ep, etp=etp)
+        etp_ = etp or tp
+        dense = sum((s.params - s.expert - s.replicated) * tp + s.replicated for s in stages)
+        padding = (stages[0].padded_vocab_size - arch.vocab_size) * arch.hidden_size * 2
+        assert dense + sum(s.expert * ep * etp_ for s in stages) - padding == MOE_PUBLISHED[name]
+
+
+def test_moe_formula_refuses_layouts_by_key():
+    arch, moe = moe_arch(MOE_MODELS["qwen3-235b-a22b"])
+    with pytest.raises(ValueError, match="num_hidden_layers=94 is not divisible by parallel.pp=4"):
+        memory.moe_stage_params(arch, moe, tp=4, pp=4, ep=8)
+    with pytest.raises(ValueError, match="num_experts=128 is not divisible by parallel.ep=3"):
+        memory.moe_stage_params(arch, moe, tp=4, pp=2, ep=3)
+    with pytest.raises(ValueError, match="num_key_value_heads=4 is not divisible by parallel.tp=8"):
+        memory.moe_stage_params(arch, moe, tp=8, pp=2, ep=8)
+
+
+def moe_arch_with_experts(values: dict):
+    """The ArchConfig fields plus ``moe``, as the Qwen3-MoE family's ArchConfig carries them."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    arch, moe = moe_arch(values)
+    return SimpleNamespace(**{**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, "moe": moe})
+
+
+@pytest.mark.parametrize("recipe", list(MOE_RECIPE_MODEL))
+def test_moe_recipes_declare_the_real_config(recipe):
+    declared, real = recipe_module(recipe).HF_CONFIG, MOE_MODELS[MOE_RECIPE_MODEL[recipe]]
+    assert {k: declared[k] for k in real} == real
+
+
+def test_sglang_moe_weights_at_tp1_are_the_hf_count():
+    for name, values in MOE_MODELS.items():
+        arch = moe_arch_with_experts(values)
+        assert memory.sglang_weight_params(arch, 1) == MOE_PUBLISHED[name], name
+        # TP8 (the 235B recipe's servers): every expert split 8 ways, router and norms whole, one
+        # of the 4 KV heads per GPU.
+        h, e, f, n = values["hidden_size"], 128, values["moe_intermediate_size"], values["num_experts"]
+        layer = h * e * (values["num_attention_heads"] // 8 + 2) + values["num_attention_heads"] // 8 * e * h \
+            + n * (3 * h * f // 8 + h) + 2 * h + 2 * e
+        want = values["num_hidden_layers"] * layer + 2 * (values["vocab_size"] // 8) * h + h
+        assert memory.sglang_weight_params(arch, 8) == want
+
+
+def test_expert_state_is_sharded_over_expert_dp_and_the_rest_over_dp():
+    """The 30B recipe at expert TP 1 (TP2 x EP8 x ETP1 on 16 GPUs: DP 8, expert DP 2): bf16
+    weights, fp32 gradients, and the distributed optimizer's 12 B per parameter over DP for the
+    dense part but over expert DP for the experts (megatron's expert-data-parallel group,
+    world / (pp ep etp))."""
+    cfg = apply_overrides(load_recipe("maspo_qwen3_30b_a3b"), ["parallel.etp=1"])
+    arch = moe_arch_with_experts(MOE_MODELS["qwen3-30b-a3b"])
+    (st,) = memory.moe_stage_params(arch, arch.moe, tp=2, pp=1, ep=8, etp=1)
+    assert st.expert == 48 * 16 * 3 * 2048 * 768  # 16 whole experts per layer
+    (rank,) = memory.train_rank_memory(cfg, arch, [st], dp=8)
+    t = {term.name: term.bytes for term in rank.terms}
+    dense = st.params - st.expert
+    assert (t["parameters (bf16)"], t["gradients (fp32 grad buffer)"], t["optimizer state"]) == \
+        (2 * dense, 4 * dense, 12 / 8 * dense)
+    assert (t["expert parameters (bf16)"], t["expert gradients (fp32)"], t["expert optimizer state"]) == \
+        (2 * st.expert, 4 * st.expert, 12 / 2 * st.expert)
+    assert rank.ranks == 16
+
+
+def test_moe_activations_count_the_routed_tokens():
+    """One MoE layer keeps, per routed token copy (top-k of the rank's tokens, balanced), the
+    gathered fc1 input (etp x h), fc1 output (2f), SwiGLU output (f) and the returned expert
+    output (h); the router's fp32 logits per token and fp32 probabilities per copy. The attention
+    part is the dense formula's."""
+    from types import SimpleNamespace
+
+    moe = SimpleNamespace(num_experts=128, topk=8, ffn_hidden_size=768)
+    kw = dict(hidden=2048, ffn=6144, heads=32, kv_heads=4, head_dim=128, tp=2, sequence_parallel=True)
+    T = 22528
+    dense = memory.layer_activation_bytes(T, **kw)
+    attention = dense - 2 * T * 3 * 6144 / 2
+    for etp in (1, 2):
+        t_in = T / 2
+        want = attention + 2 * 8 * t_in * (etp * 2048 + 3 * 768 + 2048) + 4 * t_in * 128 + 4 * 8 * t_in
+        assert memory.layer_activation_bytes(T, **kw, moe=moe, etp=etp) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("recipe", list(MOE_RECIPE_MODEL))
+def test_moe_recipe_plans_fit_80gb(recipe):
+    """Through the family (``arch.moe``) as ``maspo-megatron plan`` runs it: the recipe's layout
+    fits 80 GiB on every GPU, with the expert terms the largest of the training ranks."""
+    plan = plan_of(recipe)
+    assert plan.fits, plan.format()
+    for rank in plan.ranks:
+        if rank.role.startswith("train"):
+            assert rank.dominant.name == "expert optimizer state", plan.format()
+    want = {"maspo_qwen3_30b_a3b": "EP8 x ETP2 x expert DP 1", "maspo_qwen3_235b_a22b": "EP8 x ETP4 x expert DP 2"}
+    assert want[recipe] in plan.notes[0]
+
+
+def test_moe_layouts_megatron_refuses_are_named():
+    with pytest.raises(memory.MemoryPlanError, match="needs model.sequence_parallel=true"):
+        plan_of("maspo_qwen3_30b_a3b", "model.sequence_parallel=false")
+    with pytest.raises(memory.MemoryPlanError, match="num_experts=128 is not divisible by parallel.ep=3"):
+        plan_of("maspo_qwen3_235b_a22b", "parallel.ep=3", train_gpus=192)
+    # 8 nodes for the 235B: expert DP 1, the unsharded expert optimizer state leaves no headroom.
+    tight = plan_of("maspo_qwen3_235b_a22b", train_gpus=64)
+    assert "expert DP 1" in tight.notes[0]

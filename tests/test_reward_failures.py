@@ -150,12 +150,13 @@ class StubClient:
 
     def __init__(self, tokenizer):
         self.ids = tokenizer.encode("3", add_special_tokens=False)
-        self.expected_weight_version = None
+        self.accepted_weight_versions = None
+        self.retries = 0
 
     def run(self, requests, progress=None):
         return [Sample(index=r.index, prompt_ids=list(r.input_ids), output_ids=list(self.ids),
-                       logprobs=[-1.0] * len(self.ids), finish_reason="stop", weight_version=None,
-                       server="stub", attempts=1) for r in requests]
+                       logprobs=[-1.0] * len(self.ids), finish_reason="stop", weight_version="0",
+                       token_versions=None, server="stub", attempts=1) for r in requests]
 
 
 class Loader:

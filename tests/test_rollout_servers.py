@@ -246,14 +246,14 @@ def test_server_killed_mid_rollout_loses_and_duplicates_nothing(cluster):
     # samples until the trainer re-syncs it.
     version = reference[0].weight_version
     strict = RolloutClientConfig(max_attempts=2, backoff_initial_s=0.1, down_cooldown_s=0.1)
-    with pytest.raises(RolloutError, match=f"weight_version 'default', expected '{version}'"):
-        RolloutClient([victim.url], strict, expected_weight_version=version).run(reqs[:1])
+    with pytest.raises(RolloutError, match=rf"weight_version \['default'\], accepted: \['{version}'\]"):
+        RolloutClient([victim.url], strict, accepted_weight_versions=[version]).run(reqs[:1])
     resync = WeightSyncer([victim.url], WeightSyncConfig())
     try:
         resync.sync(_export(cluster["model"]), version=version)
     finally:
         resync.close()
-    after = RolloutClient([victim.url], cfg, expected_weight_version=version).run(reqs[:2])
+    after = RolloutClient([victim.url], cfg, accepted_weight_versions=[version]).run(reqs[:2])
     assert [a.output_ids for a in after] == [r.output_ids for r in reference[:2]]
 
 

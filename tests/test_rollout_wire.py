@@ -102,6 +102,24 @@ def test_parse_generate_response_checks_fields_and_token_alignment():
         parse_generate_response(ok, 2, True)
 
 
+def test_weight_version_spans_become_per_token_versions():
+    # SGLang 0.5.23 records the spans when /update_weight_version lands during a request.
+    body = {"output_ids": [5, 6, 7], "meta_info": {
+        "finish_reason": {"type": "length"}, "weight_version": "4",
+        "output_token_logprobs": [[-1.0, 5, None], [-2.0, 6, None], [-1.5, 7, None]],
+        "weight_versions": [{"version": "3", "start": 0, "end": 2}, {"version": "4", "start": 2, "end": 3}]}}
+    (out,) = parse_generate_response(body, 1, True)
+    assert out.token_versions == ["3", "3", "4"] and out.weight_version == "4"
+    body["meta_info"]["weight_versions"][1]["start"] = 1
+    with pytest.raises(ProtocolError, match="weight_versions: expected contiguous spans"):
+        parse_generate_response(body, 1, True)
+    body["meta_info"]["weight_versions"] = [{"version": "3", "start": 0, "end": 2}]
+    with pytest.raises(ProtocolError, match="weight_versions cover 2 tokens, the output has 3"):
+        parse_generate_response(body, 1, True)
+    del body["meta_info"]["weight_versions"]
+    assert parse_generate_response(body, 1, True)[0].token_versions is None
+
+
 def test_error_message_extracts_the_shapes_sglang_0_5_23_answers():
     assert error_message(400, '{"error": "unknown field `foo`"}') == "unknown field `foo`"
     assert error_message(400, '{"object": "error", "message": "bad top_p", "code": 400}') == "bad top_p"
@@ -223,3 +241,19 @@ def test_client_rejects_duplicate_indices_and_n_gt_1():
         asyncio.run(c.generate([RolloutRequest(0, (1,), SamplingParams())] * 2))
     with pytest.raises(ValueError, match="one request per sample"):
         asyncio.run(c.generate([RolloutRequest(0, (1,), SamplingParams(n=2))]))
+
+
+def test_per_server_limits_are_validated_and_spread_by_room():
+    with pytest.raises(ValueError, match="read_server_limits and max_running_per_server are exclusive"):
+        RolloutClientConfig(read_server_limits=True, max_running_per_server=2)
+    with pytest.raises(ValueError, match="max_running_per_server must be >= 1"):
+        RolloutClientConfig(max_running_per_server=0)
+    client = RolloutClient(["http://a:1", "http://b:2"])
+    with pytest.raises(ValueError, match="a limit >= 1 for every URL"):
+        client.set_limits({"http://a:1": 4})
+    client.set_limits({"http://a:1": 4, "http://b:2": 2})
+    assert client._capacity() == 6
+    # Each pick goes to the server with the most room relative to its limit: a fills to 4, b to 2.
+    picks = [client._pick(None) for _ in range(6)]
+    assert picks.count("http://a:1") == 4 and picks.count("http://b:2") == 2
+    assert client.peak_inflight == {"http://a:1": 4, "http://b:2": 2}

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from distributed import run_distributed
 from maspo_megatron.data.dataset import PromptSample
 from maspo_megatron.generation import RolloutGroup
-from maspo_megatron.trainer import MetricsSink, Trainer, TrainerConfig
+from maspo_megatron.trainer import AlgorithmConfig, MetricsSink, Trainer, TrainerConfig
 
 
 class FakeLoader:
@@ -34,6 +34,9 @@ class FakeLoader:
         self.cursor += size
         return batch
 
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
 
 class FakeEngine:
     """Prompt i's group has one correct response when ``informative(i)``, else none."""
@@ -42,7 +45,7 @@ class FakeEngine:
         self.informative = informative
         self.seed_bases: list[int] = []
         self.closed = False
-        self.client = types.SimpleNamespace(expected_weight_version=None, retries=0)
+        self.client = types.SimpleNamespace(accepted_weight_versions=None, retries=0, run=None)
 
     def sync_targets(self):
         return [("http://fake:1", 0)]  # one server that never dies here
@@ -50,14 +53,20 @@ class FakeEngine:
     def take_ready(self):
         return []
 
-    def sample(self, prompts, n, seed_base, temperature=None):
+    def sample(self, prompts, n, seed_base, runner=None, enough=None):
+        """Groups complete in prompt order; with ``enough``, the rest is aborted once it says so."""
         self.seed_bases.append(seed_base)
+        # Served with the newest weights the trainer has synced (version 0 before any sync).
+        version = max(map(int, self.client.accepted_weight_versions or ["0"]))
         groups = []
         for p in prompts:
             rewards = [1.0 if self.informative(p.index) and j == 0 else 0.0 for j in range(n)]
             groups.append(RolloutGroup(prompt_index=p.index, prompt_ids=list(p.prompt_ids), answer=p.answer,
                                        outputs=[[4, 5]] * n, logprobs=[[-1.0, -1.0]] * n, finish=["stop"] * n,
-                                       rewards=rewards, correct=[r > 0 for r in rewards]))
+                                       rewards=rewards, correct=[r > 0 for r in rewards],
+                                       versions=[[str(version)] * 2] * n, answered=[str(version)] * n))
+            if enough is not None and enough(groups):
+                break
         return groups
 
     def close(self, grace_s=None):
@@ -108,11 +117,11 @@ def trainer_factory(tmp_path):
     """Builds a Trainer in a one-process gloo group, wired to the fakes."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
 
-    def make(engine=None, actor=None, **cfg_fields):
+    def make(engine=None, fake_actor=None, **cfg_fields):
         cfg = TrainerConfig(output_dir=str(tmp_path / "run"), tensorboard=False, **cfg_fields)
         (tmp_path / "run").mkdir(exist_ok=True)
         t = Trainer(cfg)
-        t.engine, t.loader, t.actor = engine or FakeEngine(), FakeLoader(), actor
+        t.engine, t.loader, t.actor = engine or FakeEngine(), FakeLoader(), fake_actor
         t.publisher = FakePublisher()
         t.ref = None  # no reference policy (kl_coef = 0)
         t.start_step = 0
@@ -147,7 +156,24 @@ def test_dynamic_sampling_refills_to_the_batch_size(trainer_factory):
     assert info["sampling/rounds"] == 3 and info["sampling/groups_seen"] == 12
     assert info["sampling/groups_kept"] == 8
     assert len(set(t.engine.seed_bases)) == 3  # every round samples with fresh seeds
-    assert prompt_records(t) == [{"step": 1, "drawn": list(range(12)), "trained": [1, 2, 4, 5, 7, 8, 10, 11]}]
+    assert prompt_records(t) == [{"step": 1, "drawn": list(range(12)), "aborted": [],
+                                  "trained": [1, 2, 4, 5, 7, 8, 10, 11],
+                                  "versions": [[[[0, 2]]] * 4] * 8}]
+
+
+def test_oversampling_aborts_the_rest_once_the_batch_is_full(trainer_factory):
+    t = trainer_factory(FakeEngine(informative=lambda i: i % 3 != 0))
+    configure(t, prompts=4, n=2, rounds=3)
+    t.cfg.algorithm.oversample = 2.0
+    groups, info = t.collect(step=0)
+    # One round draws 8 prompts; 1, 2, 4, 5 are informative (0 and 3 are not): 6 and 7 are aborted.
+    assert t.loader.requests == [8]
+    assert [g.prompt_index for g in groups] == [1, 2, 4, 5]
+    assert info["sampling/groups_seen"] == 6 and info["sampling/groups_aborted"] == 2
+    (record,) = prompt_records(t)
+    assert record["drawn"] == list(range(8)) and record["aborted"] == [6, 7] and record["trained"] == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="algorithm.oversample > 1 .* needs algorithm.dynamic_sampling=true"):
+        TrainerConfig(algorithm=AlgorithmConfig(dynamic_sampling=False, oversample=2.0))
 
 
 def test_dynamic_sampling_says_why_it_cannot_fill(trainer_factory, capsys):
@@ -199,6 +225,73 @@ def test_bad_steps_are_reported_and_training_stops_after_max_bad_steps(trainer_f
     # every step, skipped or not (a skipped step publishes unchanged ones).
     assert t.publisher.versions == [0, 1, 2, 3, 4, 5, 6]
     assert t.engine.closed  # servers and workers are shut down on the way out
+
+
+# ----------------------------------------------------------------------------- one_step_off
+
+
+def one_step_off_fields(**rollout):
+    from maspo_megatron.megatron.actor import ActorConfig
+    from maspo_megatron.reward import RewardConfig
+    from maspo_megatron.trainer import RolloutConfig
+
+    return dict(actor=ActorConfig(tis_cap=2.0), reward=RewardConfig(num_workers=1),
+                rollout=RolloutConfig(pipeline="one_step_off", **rollout))
+
+
+def test_one_step_off_trains_each_prefetched_batch_one_version_behind(trainer_factory):
+    actor = FakeActor([0] * 4)
+    t = trainer_factory(FakeEngine(), actor, steps=4, prompts_per_step=2, save_every=1, **one_step_off_fields())
+    configure(t, prompts=2, n=2, rounds=1)
+    t.save = lambda step: t.saved.append((step, t._data_cursor()))
+    t.run()
+    with open(f"{t.cfg.output_dir}/metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    # Step 1's batch is sampled at version 0 before training; step k+1's while step k trains,
+    # with the weights of version k, and trained at version k+1 (the sync waits for it).
+    assert [m["rollout/staleness_max"] for m in logged] == [0, 1, 1, 1]
+    records = prompt_records(t)
+    assert [r["versions"][0][0] for r in records] == [[[0, 2]], [[0, 2]], [[1, 2]], [[2, 2]]]
+    assert [i for r in records for i in r["trained"]] == list(range(8))
+    assert t.publisher.versions == [0, 1, 2, 3, 4]
+    # A checkpoint taken while the next step's prompts are prefetched holds the cursor before them.
+    assert t.saved == [(1, {"cursor": 2}), (2, {"cursor": 4}), (3, {"cursor": 6}), (4, {"cursor": 8})]
+
+
+def test_one_step_off_refuses_a_sample_older_than_the_bound(trainer_factory):
+    class Frozen(FakeEngine):  # a server whose weights never change
+        def sample(self, prompts, n, seed_base, runner=None, enough=None):
+            groups = super().sample(prompts, n, seed_base, runner, enough)
+            for g in groups:
+                g.versions, g.answered = [["0"] * 2] * n, ["0"] * n
+            return groups
+
+    t = trainer_factory(Frozen(), FakeActor([0] * 4), steps=4, prompts_per_step=2, **one_step_off_fields())
+    configure(t, prompts=2, n=2, rounds=1)
+    with pytest.raises(RuntimeError, match=r"prompt 4 sample 0 was sampled with weight versions \[0\] but the "
+                                           r"trainer holds version 2: rollout.pipeline=one_step_off trains "
+                                           r"samples at most 1 version\(s\) old"):
+        t.run()
+
+
+def test_pipeline_config_names_what_it_needs():
+    from maspo_megatron.reward import RewardConfig
+    from maspo_megatron.rollout.weight_sync import WeightSyncConfig
+    from maspo_megatron.trainer import RolloutConfig
+
+    with pytest.raises(ValueError, match="rollout.pipeline must be 'sync' or 'one_step_off'"):
+        RolloutConfig(pipeline="async")
+    with pytest.raises(ValueError, match="rollout.partial='abort' needs rollout.pipeline=one_step_off"):
+        RolloutConfig(partial="abort")
+    with pytest.raises(ValueError, match="needs actor.tis_cap"):
+        TrainerConfig(rollout=RolloutConfig(pipeline="one_step_off"))
+    fields = one_step_off_fields(partial="continue")
+    with pytest.raises(ValueError, match="rollout.partial=continue needs weight_sync.pause_mode=retract"):
+        TrainerConfig(**fields)
+    TrainerConfig(**fields, weight_sync=WeightSyncConfig(pause_mode="retract"))
+    TrainerConfig(**one_step_off_fields(partial="abort"))
+    with pytest.raises(ValueError, match="reward.num_workers >= 1"):
+        TrainerConfig(**{**one_step_off_fields(), "reward": RewardConfig(num_workers=0)})
 
 
 # ----------------------------------------------------------------------------- the real actor

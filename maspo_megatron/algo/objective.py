@@ -12,6 +12,31 @@
   (:func:`~maspo_megatron.algo.aggregation.global_counts`), so each micro-batch's loss is its
   share of the whole step's loss.
 
+**Off-policy samples: the decoupled objective.** With ``rollout.pipeline=one_step_off`` a token
+may be sampled by weights one version older than the trainer's (and, with partial rollouts, the
+tokens of one response by two versions). Three policies then meet, as in the decoupled PPO
+objective of Hilton, Cobbe & Schulman, "Batch size-invariance for policy optimization" (NeurIPS
+2022, arXiv 2110.00641), which AReaL (Fu et al. 2025, arXiv 2505.24298) uses for asynchronous RL:
+
+- the behaviour policy pi_behav: the weights that sampled the token; its log-prob is the
+  rollout engine's, per token (``rollout_logprobs``);
+- the proximal policy pi_prox: the trainer's weights before this step's update; its log-prob is
+  the trainer's own pass over the batch (``old_logprobs``);
+- pi_theta: the weights being optimised.
+
+    w_t    = min(pi_prox(y_t) / pi_behav(y_t), tis_cap)                  (data: no gradient)
+    loss_t = w_t * policy_loss_t(r_t = pi_theta(y_t) / pi_prox(y_t), A_t; p_old = pi_prox(y_t))
+
+so the trust region (the PPO clip, or MASPO's soft gate and its mass-adaptive width
+m = clamp(sigma_base / p_old**alpha, ...)) is centred on the proximal policy, and w_t reweights
+the tokens from the distribution that sampled them to the proximal one. When the behaviour and
+proximal log-probs are equal (same weights, same numerics) w_t = 1 and the loss is the on-policy
+loss exactly (``tests/test_algo_decoupled.py``). The same weight is the truncated importance
+sampling correction for the train/rollout numerical mismatch (``tis``, Yao et al. 2025): with the
+engine's log-probs as the behaviour policy, one weight covers staleness and mismatch alike. Where
+AReaL drops a token whose weight exceeds the cap, it is truncated here (as TIS does), so every
+token keeps a bounded gradient. ``rollout.pipeline=one_step_off`` therefore requires ``tis_cap``.
+
 The actor (``megatron/actor.py``) is handed an :class:`Objective`: it computes log-probs and
 entropy, calls the objective per micro-batch, back-propagates the loss and reduces the metrics
 (:mod:`maspo_megatron.algo.metrics`); it knows no loss.
@@ -65,8 +90,9 @@ class ObjectiveConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL estimate to a reference policy (needs ``ref_logprobs`` in the batch)."""
     tis_cap: float | None = None
-    """Truncated importance sampling against the rollout engine's log-probs, capped at this
-    weight (2.0 is the usual choice); None disables it."""
+    """Cap of the behaviour weight min(pi_prox / pi_behav, cap) against the rollout engine's
+    log-probs: truncated importance sampling for the train/rollout mismatch, and the decoupled
+    objective's weight for stale samples (2.0 is the usual choice); None disables it."""
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the valid names

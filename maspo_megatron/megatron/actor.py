@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from maspo_megatron.algo.metrics import is_max_metric, metric_value
 from maspo_megatron.algo.objective import Objective, ObjectiveConfig
+from maspo_megatron.megatron.routing_replay import RoutingReplay, filler_routes, replay_routers
 from maspo_megatron.ops.sequence import response_logprobs_from_hidden, response_logprobs_from_logits
 from maspo_megatron.runtime import device
 
@@ -125,7 +126,9 @@ class SequenceBatch:
 
     ``response_mask`` marks the response tokens (the ones the policy generated and is trained
     on). Per-token fields are ``[N, L]`` aligned with ``input_ids``; ``advantages`` may be
-    ``[N]`` (one per sequence).
+    ``[N]`` (one per sequence). ``routed_experts`` (routing replay of MoE models) is int
+    ``[N, L, layers, topk]``: the rollout engine's experts of every token, valid everywhere
+    (``routing_replay.filler_routes`` where the engine forwarded no token).
     """
 
     input_ids: torch.Tensor
@@ -135,6 +138,7 @@ class SequenceBatch:
     old_logprobs: torch.Tensor | None = None
     rollout_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self):
         n, length = self.input_ids.shape
@@ -146,6 +150,10 @@ class SequenceBatch:
             value = getattr(self, name)
             if value is not None and value.shape != (n, length):
                 raise ValueError(f"{name} must have shape [{n}, {length}], got {tuple(value.shape)}")
+        if self.routed_experts is not None and (self.routed_experts.dim() != 4
+                                                or self.routed_experts.shape[:2] != (n, length)):
+            raise ValueError(f"routed_experts must have shape [{n}, {length}, layers, topk], "
+                             f"got {tuple(self.routed_experts.shape)}")
         if self.advantages is not None and self.advantages.shape not in ((n,), (n, length)):
             raise ValueError(f"advantages must have shape [{n}] or [{n}, {length}], "
                              f"got {tuple(self.advantages.shape)}")
@@ -159,10 +167,10 @@ class SequenceBatch:
         max_len = max_len or int(self.lengths[index].max())
         out = {}
         for name in ("input_ids", "response_mask", "advantages", "old_logprobs",
-                     "rollout_logprobs", "ref_logprobs"):
+                     "rollout_logprobs", "ref_logprobs", "routed_experts"):
             value = getattr(self, name)
             if value is not None:
-                out[name] = value[index][:, :max_len] if value.dim() == 2 else value[index]
+                out[name] = value[index][:, :max_len] if value.dim() >= 2 else value[index]
         return out
 
 
@@ -242,6 +250,16 @@ def pack_sequences(input_ids: torch.Tensor, lengths: torch.Tensor, response_mask
                         int(cu.diff().max()), rows, cols)
 
 
+def pack_routes(routes: torch.Tensor, packed: PackedLayout) -> torch.Tensor:
+    """``[n, L, layers, topk]`` routes -> ``[1, T, layers, topk]`` in ``packed``'s token order
+    (the closing padding segment gets :func:`~maspo_megatron.megatron.routing_replay.filler_routes`)."""
+    tokens = routes[packed.rows, packed.cols]
+    pad = packed.input_ids.shape[1] - len(tokens)
+    if pad:
+        tokens = torch.cat([tokens, filler_routes((pad,), *routes.shape[2:]).to(tokens)])
+    return tokens[None]
+
+
 FP8_TOKEN_MULTIPLE = 16
 """Transformer Engine's FP8 GEMMs need every GEMM dimension a multiple of 16
 (``transformer_engine.pytorch.utils.assert_dim_for_fp8_exec``), the token dimension included
@@ -262,7 +280,13 @@ def pad_micro_batch(micro: dict[str, torch.Tensor], multiple: int) -> dict[str, 
     pad = -width % multiple
     if not pad:
         return micro
-    return {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in micro.items()}
+    out = {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in micro.items()}
+    if "routed_experts" in micro:  # padding gets valid (distinct) experts, not zeros
+        routes = micro["routed_experts"]
+        n, _, layers, topk = routes.shape
+        fill = filler_routes((n, pad), layers, topk).to(routes)
+        out["routed_experts"] = torch.cat([routes, fill], 1)
+    return out
 
 
 class Actor:
@@ -317,11 +341,23 @@ class Actor:
             from maspo_megatron.megatron.interleaved import use_interleaved_p2p
 
             use_interleaved_p2p(config)
+        if self.interleaved and replay_routers(model_chunks):
+            raise NotImplementedError("routing replay with virtual pipeline stages (parallel.vpp): its "
+                                      "backward hooks assume one model chunk per pipeline rank")
         self.optimizer = self.scheduler = None
+        # Routing replay: on when the model was built with moe_enable_routing_replay.
+        self.replay = RoutingReplay(model_chunks, num_layers=config.num_layers, topk=config.moe_router_topk,
+                                    sequence_parallel=config.sequence_parallel) \
+            if replay_routers(model_chunks) else None
         self.model = model_chunks
         self.steps = 0
+        self.moe_metrics = None
         if trainable:
             self._setup_training(model_chunks)
+            if self.spec.arch.moe is not None:
+                from maspo_megatron.megatron.moe_metrics import MoeMetrics
+
+                self.moe_metrics = MoeMetrics(self.model)
         else:
             for chunk in model_chunks:
                 chunk.requires_grad_(False)
@@ -440,12 +476,26 @@ class Actor:
         # attention_mask=None: causal attention; right padding never influences real tokens.
         return model(ids, positions, None, **kwargs)
 
-    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool, entropy: bool):
+    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool, entropy: bool,
+                      replay: RoutingReplay | None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
-            return self._forward(model, micro, entropy), partial(loss_func, micro)
+            if replay is None:
+                return self._forward(model, micro, entropy), partial(loss_func, micro)
+            replay.set_micro_batch(micro["routes"], model)
+            output = self._forward(model, micro, entropy)
+            if forward_only:
+                return output, partial(loss_func, micro)
+            if not self.is_last_stage:  # the stage output's backward starts this micro-batch's
+                return replay.enter_backward(output, model), partial(loss_func, micro)
+
+            def replayed_loss(m, out):  # on the last stage the loss's backward does
+                loss, metrics = loss_func(m, out)
+                return replay.enter_backward(loss, model), metrics
+
+            return output, partial(replayed_loss, micro)
 
         data = iter(micro_batches)
         if self.interleaved:
@@ -456,15 +506,22 @@ class Actor:
             config = self.spec.transformer_config
             config.microbatch_group_size_per_vp_stage = interleaved.interleave_group_size(
                 len(micro_batches), self.pp_size)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=self.model,
-            num_microbatches=len(micro_batches),
-            seq_length=max(self._model_inputs(m)[0].shape[1] for m in micro_batches),
-            micro_batch_size=max(self._model_inputs(m)[0].shape[0] for m in micro_batches),
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=self.model,
+                num_microbatches=len(micro_batches),
+                seq_length=max(self._model_inputs(m)[0].shape[1] for m in micro_batches),
+                micro_batch_size=max(self._model_inputs(m)[0].shape[0] for m in micro_batches),
+                forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.clear()
 
-    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor) -> list[dict]:
+    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor, replay: bool = True) -> list[dict]:
+        replay = replay and self.replay is not None
+        if replay:
+            self.replay.check(batch.routed_experts, tuple(batch.input_ids.shape))
         dev = device()
         shard = deal_to_dp_ranks(batch.lengths[index], self.dp_size)[self.dp_rank]
         packed = pack_micro_batches(index[shard], batch.lengths, self.cfg.micro_batch_tokens,
@@ -482,21 +539,26 @@ class Actor:
             if self.pack:
                 m["packed"] = pack_sequences(m["input_ids"], batch.lengths[rows].to(dev),
                                              m["response_mask"], self.token_multiple)
+            routes = m.pop("routed_experts", None)
+            if replay:  # the routes in the layout the model sees
+                m["routes"] = pack_routes(routes, m["packed"]) if self.pack else routes
             micro.append(m)
         return micro
 
     @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch, *, entropy: bool = False,
-                         temperature: float | None = None):
+                         temperature: float | None = None, replay: bool = True):
         """Log-probs (and entropy) of every response token, ``[N, L]``, zero elsewhere.
 
         Forward-only through the pipeline schedule; the result is assembled from all
         data-parallel ranks and pipeline stages, so every rank returns the full tensors.
         ``temperature`` overrides the actor's for this pass (the weight-sync proof uses 1).
+        With routing replay on, the batch must carry ``routed_experts``; ``replay=False`` routes
+        with the model's own router instead (the weight-sync proof's probe has no rollout).
         """
         for chunk in self.model:
             chunk.eval()
-        micro = self._micro_batches(batch, torch.arange(len(batch)))
+        micro = self._micro_batches(batch, torch.arange(len(batch)), replay)
         out_lp = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         out_ent = torch.zeros_like(out_lp) if entropy else None
 
@@ -510,7 +572,8 @@ class Actor:
 
         default, self.temperature = self.temperature, temperature or self.temperature
         try:
-            self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy)
+            self._run_schedule(micro, loss_func, forward_only=True, entropy=entropy,
+                               replay=self.replay if replay else None)
         finally:
             self.temperature = default
         results = [out_lp] + ([out_ent] if entropy else [])
@@ -564,10 +627,16 @@ class Actor:
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.moe_metrics is not None:
+                self.moe_metrics.start()
             reduced = self._run_schedule(micro, partial(self._loss, counts, len(micro)),
-                                         forward_only=False, entropy=True)
+                                         forward_only=False, entropy=True, replay=self.replay)
             metrics = self._reduce_metrics(reduced)
+            if self.moe_metrics is not None:
+                metrics.update(self.moe_metrics.finish(len(micro)))
             metrics["response_tokens"] = float(batch.response_mask[index].sum())
+            # Routing replay in effect: this rank's micro-batches whose routers took the rollout's experts.
+            metrics["replayed_micro_batches"] = float(len(micro)) if self.replay is not None else 0.0
             if math.isfinite(metrics["loss"]):
                 ok, grad_norm, _ = self.optimizer.step()
                 if ok:  # as in Megatron-LM: a skipped update does not advance the LR schedule

@@ -16,6 +16,13 @@ the same full tensors. Nothing is exchanged between pipeline stages: to cover th
 run it on every stage (weight sync sends each stage's tensors from its TP-rank-0;
 :func:`save_hf` writes one set of shards per stage and a common index).
 
+Mixture-of-experts models (expert rules, ``ParamRule.expert``): expert-parallel rank ``r``
+holds, reads and exports only its own experts (global index ``r * E/EP + j`` for local ``j``),
+gathered over the expert-tensor-parallel group instead of TP. No rank ever holds all experts:
+with ``owned=True`` (save_hf, weight sync) the dense tensors come from TP-rank 0 of the first
+data-parallel replica and each expert from expert-TP-rank 0 of the first expert-data-parallel
+replica that holds it, i.e. every expert-parallel rank sends its own experts.
+
 Megatron layouts handled here (verified against megatron-core 0.19's ``SelfAttention`` and
 ``MLP``):
 
@@ -124,13 +131,28 @@ class _Bound:
     rule: ParamRule
     hf_names: tuple[str, ...]
 
+    @property
+    def expert(self) -> bool:
+        return self.rule.expert
+
 
 def _rules(spec: ModelSpec):
     return spec.family.param_rules(spec.arch)
 
 
-def _hf_names(rule: ParamRule, layer: int | None) -> tuple[str, ...]:
-    return tuple(n.format(layer=layer) for n in rule.hf) if layer is not None else rule.hf
+def _hf_names(rule: ParamRule, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+    return tuple(n.format(layer=layer, expert=expert) for n in rule.hf) if layer is not None else rule.hf
+
+
+def _local_experts(spec: ModelSpec) -> range:
+    """Global indices of the experts this expert-parallel rank holds (empty for dense models)."""
+    if spec.arch.moe is None:
+        return range(0)
+    from megatron.core import parallel_state as ps
+
+    count = spec.arch.moe.num_experts // ps.get_expert_model_parallel_world_size()
+    first = ps.get_expert_model_parallel_rank() * count
+    return range(first, first + count)
 
 
 def _bind(chunk) -> list[_Bound]:
@@ -142,23 +164,29 @@ def _bind(chunk) -> list[_Bound]:
     model_rules, layer_rules = _rules(spec)
     bound: list[_Bound] = []
 
-    def take(prefix: str, rule: ParamRule, layer: int | None, required: bool) -> None:
-        for name in (rule.megatron, *rule.aliases):
-            if prefix + name in state:
-                key = prefix + name
-                bound.append(_Bound(key, state.pop(key), rule, _hf_names(rule, layer)))
+    def take(prefix: str, rule: ParamRule, layer: int | None, required: bool, expert: int | None = None,
+             local: int | None = None) -> None:
+        names = [prefix + n.format(expert=local) for n in (rule.megatron, *rule.aliases)]
+        for key in names:
+            if key in state:
+                bound.append(_Bound(key, state.pop(key), rule, _hf_names(rule, layer, expert)))
                 return
         if required:
-            raise RuntimeError(f"{spec.family.name}: model has none of {[prefix + n for n in (rule.megatron, *rule.aliases)]}")
+            raise RuntimeError(f"{spec.family.name}: model has none of {names}")
 
     # Order like HF: embedding, layers, final norm, output layer (stage-local parts only).
     first = [r for r in model_rules if r.megatron.startswith("embedding.")]
     last = [r for r in model_rules if not r.megatron.startswith("embedding.")]
     for rule in first:
         take("", rule, None, required=False)
+    experts = _local_experts(spec)
     for local, layer in enumerate(global_layer_indices(model)):
         for rule in layer_rules:
-            take(f"decoder.layers.{local}.", rule, layer, required=True)
+            if rule.expert:
+                for j, expert in enumerate(experts):
+                    take(f"decoder.layers.{local}.", rule, layer, True, expert, j)
+            else:
+                take(f"decoder.layers.{local}.", rule, layer, required=True)
     for rule in last:
         take("", rule, None, required=False)
     if state:
@@ -170,12 +198,15 @@ def _chunks(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _tp():
-    from megatron.core import parallel_state
+def _tp(expert: bool = False):
+    """(rank, size, group) of the group a parameter is split over: TP, or expert-TP for experts."""
+    from megatron.core import parallel_state as ps
 
-    return (parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_group())
+    if expert:
+        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_tensor_parallel_group())
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_group())
 
 
 # ---------------------------------------------------------------------------- QKV layout
@@ -211,9 +242,11 @@ def _validate(ckpt: HFCheckpoint, spec: ModelSpec) -> None:
     expected: dict[str, tuple[int, ...]] = {}
     for rule in model_rules:
         expected.update(zip(rule.hf, rule.hf_shapes))
+    experts = range(spec.arch.moe.num_experts) if spec.arch.moe else range(0)
     for layer in range(spec.arch.num_layers):
         for rule in layer_rules:
-            expected.update(zip(_hf_names(rule, layer), rule.hf_shapes))
+            for expert in (experts if rule.expert else (None,)):
+                expected.update(zip(_hf_names(rule, layer, expert), rule.hf_shapes))
     for name, shape in expected.items():
         found = ckpt.shape(name)
         if found != tuple(shape):
@@ -272,7 +305,6 @@ def load_hf_checkpoint(model, hf_dir: str | os.PathLike) -> None:
     tensors the config does not account for. Load before creating the optimizer (or reload its
     fp32 main parameters afterwards).
     """
-    tp_rank, tp, _ = _tp()
     with HFCheckpoint(hf_dir) as ckpt:
         validated = False
         for chunk in _chunks(model):
@@ -281,6 +313,7 @@ def load_hf_checkpoint(model, hf_dir: str | os.PathLike) -> None:
                 _validate(ckpt, spec)
                 validated = True
             for b in _bind(chunk):
+                tp_rank, tp, _ = _tp(b.expert)
                 shard = _read_shard(ckpt, b, spec, tp_rank, tp)
                 if shard.shape != b.param.shape:
                     raise RuntimeError(f"internal: {b.hf_names} -> {b.key} gave shape {list(shard.shape)}, "
@@ -320,22 +353,40 @@ def _to_hf(b: _Bound, shards: list[torch.Tensor], spec: ModelSpec) -> Iterator[t
         raise AssertionError(kind)
 
 
-@torch.no_grad()
-def export_hf(model, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields ``(hf_name, full_tensor)`` for this pipeline stage's parameters (see module doc).
+def export_roles() -> tuple[bool, bool, bool, bool]:
+    """This rank's part in an ``owned=True`` export: (takes part in the dense tensors' gathers,
+    writes them, takes part in its experts' gathers, writes them). See the module docstring."""
+    from megatron.core import parallel_state as ps
 
-    Collective over the TP group: all its ranks must consume the generator together. Tensors
-    are on the parameters' device and may alias live parameters (when no gather or cast was
-    needed): copy them if they must outlive the next optimizer step. ``dtype`` casts.
+    dense = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    experts = ps.get_expert_data_parallel_rank() == 0
+    return (dense, dense and ps.get_tensor_model_parallel_rank() == 0,
+            experts, experts and ps.get_expert_tensor_parallel_rank() == 0)
+
+
+@torch.no_grad()
+def export_hf(model, *, dtype: torch.dtype | None = None, owned: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields ``(hf_name, full_tensor)`` for this pipeline stage's parameters (see module doc):
+    the dense ones and this expert-parallel rank's experts.
+
+    Collective over the TP group (and the expert-TP group for experts): all its ranks must
+    consume the generator together. ``owned=True``: only the tensors this rank writes or sends
+    (:func:`export_roles`; every rank of the stage must iterate, those that write nothing take
+    part in the gathers). Tensors are on the parameters' device and may alias live parameters
+    (when no gather or cast was needed): copy them if they must outlive the next optimizer step.
+    ``dtype`` casts.
     """
-    _, tp, group = _tp()
+    gather_dense, write_dense, gather_experts, write_experts = export_roles() if owned else (True,) * 4
     for chunk in _chunks(model):
         spec = model_spec(chunk)
         for b in _bind(chunk):
-            if not b.rule.export:
+            if not b.rule.export or not (gather_experts if b.expert else gather_dense):
                 continue
+            _, tp, group = _tp(b.expert)
             local = b.param.detach()
             shards = [local] if b.rule.kind is ShardKind.REPLICATED else _gather(local, tp, group)
+            if not (write_experts if b.expert else write_dense):
+                continue
             for name, tensor in _to_hf(b, shards, spec):
                 yield name, tensor if dtype is None else tensor.to(dtype)
 
@@ -346,7 +397,8 @@ def save_hf(model, out_dir: str | os.PathLike, hf_config=None, tokenizer_dir: st
 
     Collective over all ranks. ``out_dir`` must be one directory visible to every rank (shared
     filesystem). Ranks of data-parallel (and context-parallel) replica 0 gather their stage's
-    tensors over TP; TP-rank-0 of each stage writes them; global rank 0 renames the shards into
+    tensors over TP; TP-rank-0 of each stage writes them (experts: each expert-parallel rank
+    writes its own, see :func:`export_hf` ``owned``); global rank 0 renames the shards into
     HF's ``model-0000i-of-0000n.safetensors`` scheme (``model.safetensors`` if there is only one)
     and writes the index, ``config.json`` (``hf_config``, default the model's, with ``dtype``
     set to the exported dtype) and the tokenizer files found in ``tokenizer_dir``.
@@ -363,25 +415,23 @@ def save_hf(model, out_dir: str | os.PathLike, hf_config=None, tokenizer_dir: st
     dist.barrier()
 
     written: list[tuple[str, list[str], int]] = []  # (temp file, tensor names, bytes)
-    if ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
-        writer = ps.get_tensor_model_parallel_rank() == 0
-        stage = ps.get_pipeline_model_parallel_rank()
-        # Virtual stage v of pipeline stage s holds layer block v * pp + s: files per chunk.
-        for vp, chunk in enumerate(chunks):
-            for part, bucket in enumerate(bucket_named_tensors(export_hf([chunk], dtype=dtype), max_shard_bytes)):
-                if not writer:
-                    continue
-                from safetensors.torch import save_file
+    stage = ps.get_pipeline_model_parallel_rank()
+    # Virtual stage v of pipeline stage s holds layer block v * pp + s: files per chunk.
+    for vp, chunk in enumerate(chunks):
+        for part, bucket in enumerate(bucket_named_tensors(export_hf([chunk], dtype=dtype, owned=True),
+                                                           max_shard_bytes)):
+            from safetensors.torch import save_file
 
-                tensors = {n: t.detach().to("cpu").contiguous() for n, t in bucket}
-                temp = f".vp{vp:03d}-stage{stage:04d}-part{part:05d}.safetensors"
-                save_file(tensors, os.path.join(out_dir, temp), metadata={"format": "pt"})
-                written.append((temp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
+            tensors = {n: t.detach().to("cpu").contiguous() for n, t in bucket}
+            # Several writers per stage with experts: the world rank keeps their names apart.
+            temp = f".vp{vp:03d}-stage{stage:04d}-rank{world_rank:06d}-part{part:05d}.safetensors"
+            save_file(tensors, os.path.join(out_dir, temp), metadata={"format": "pt"})
+            written.append((temp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, written)
     if world_rank == 0:
         files = sorted((f for rank_files in gathered for f in rank_files), key=lambda f: f[0])
-        # Sorted by temp name = virtual stage, then stage, then part: HF's order of layers.
+        # Sorted by temp name = virtual stage, stage, writer, part: HF's order of layers.
         _finalize(out_dir, files, hf_config, tokenizer_dir, dtype or spec.transformer_config.params_dtype)
     dist.barrier()
 
@@ -413,6 +463,7 @@ __all__ = [
     "CheckpointError",
     "HFCheckpoint",
     "export_hf",
+    "export_roles",
     "load_hf_checkpoint",
     "save_hf",
 ]

@@ -21,6 +21,32 @@ into ``linear_qkv``/``linear_fc1`` under other names). About 0.1 s per stage at 
 megatron's import. ``tests/test_plan.py`` checks the counts against Hugging Face's models built
 from the real config.json values (Llama-3.1-70B, Qwen2.5-72B, R1-Distill-Qwen 1.5B/7B/14B).
 
+MoE (``ArchConfig.moe`` set: Qwen3-MoE)
+--------------------------------------
+Parameters come from :func:`moe_stage_params`, a formula for megatron-core's MoE layout per rank
+(checked equal to the ``numel`` of its GPTModel with the local MoE spec, built per rank at
+several TP x EP x ETP x PP layouts, and to HF's Qwen3-MoE at one rank, ``tests/test_plan.py``):
+attention, norms, embedding and output layer as for a dense model (over TP, layers over PP);
+the router (experts x h) whole on every rank; each layer's experts split into ``ep`` groups of
+whole experts, each expert's fc1/fc2 over expert TP ``etp`` (``parallel.etp``, None = TP).
+Expert parameters get their own three terms: megatron reduces their gradients, and its
+distributed optimizer shards their state, over the expert-data-parallel group of size
+e_d = world / (pp x ep x etp) instead of DP; so the expert optimizer state is 12/e_d B per
+expert parameter (bf16). Activations: the MLP part of a layer is replaced by, with T_in = T/s the
+tokens a rank routes, k the top-k and f the expert width, and routing assumed balanced (each EP
+rank's experts receive k x T_in token copies; dropless routing under a skewed router sends more
+to some ranks, which this cannot know):
+
+      b*k*T_in*(etp*h + 3f + h) + 4*T_in*E + 4*k*T_in    (the copies' fc1 input, gathered over
+                                                          expert TP; fc1 and SwiGLU outputs; the
+                                                          expert output back for the probability
+                                                          weighting; fp32 router logits and
+                                                          routing probabilities)
+
+The all-to-all send/receive buffers are transient (each about one of these tensors) and not
+counted. SGLang's MoE weights follow its default layout (no ``--ep-size``): every expert split
+over the server's TP ranks, the router replicated.
+
 Training terms (per rank; N = the rank's parameter count, d = data-parallel size)
 ---------------------------------------------------------------------------------
 - parameters: N x 2 B (bf16; 4 B in fp32).
@@ -128,6 +154,9 @@ class StageParams:
     vocab: int
     """Of which word-embedding / output-layer rows (padded vocabulary / TP, times h)."""
     padded_vocab_size: int
+    expert: int = 0
+    """Of which expert weights (MoE): this EP rank's experts, split over expert TP. The
+    distributed optimizer shards them over the expert-data-parallel group, not DP."""
 
 
 def hf_config_from(values: Any):
@@ -214,6 +243,54 @@ def count_stage_params(hf_config: Any, tp: int, pp: int, *, cp: int = 1,
     return out
 
 
+def moe_stage_params(arch, moe, *, tp: int, pp: int, ep: int = 1, etp: int | None = None,
+                     make_vocab_size_divisible_by: int = 128) -> list[StageParams]:
+    """Parameters of each pipeline stage's chunk on one rank of an MoE model (module docstring,
+    "MoE"): every decoder layer an MoE layer of ``moe.num_experts`` SwiGLU experts of width
+    ``moe.ffn_hidden_size`` and a bias-free router, no shared experts. ``arch`` is the family's
+    :class:`ArchConfig` (attention, norms, vocabulary); ``etp`` None follows ``tp``.
+
+    A formula, not a built model, because the per-rank count is needed for layouts of hundreds
+    of GPUs; ``tests/test_plan.py`` checks it equals the ``numel`` of megatron-core's GPTModel
+    (local MoE spec) built per rank at several TP x EP x ETP x PP layouts.
+    """
+    from maspo_megatron.megatron.model import padded_vocab_size
+
+    etp = tp if etp is None else etp
+    h, e, q, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
+    n_exp, f = moe.num_experts, moe.ffn_hidden_size
+    for key, count, size, by in (("num_attention_heads", q, tp, "parallel.tp"),
+                                 ("num_key_value_heads", g, tp, "parallel.tp"),
+                                 ("num_hidden_layers", arch.num_layers, pp, "parallel.pp"),
+                                 ("num_experts", n_exp, ep, "parallel.ep"),
+                                 ("moe_intermediate_size", f, etp, "parallel.etp (None: parallel.tp)")):
+        if count % size:
+            raise ValueError(f"config.json {key}={count} is not divisible by {by}={size}")
+    qkv = h * (q + 2 * g) * e // tp
+    proj = q * e * h // tp
+    experts = n_exp // ep * 3 * h * f // etp  # fc1 (gate and up, 2f/etp x h) + fc2 (h x f/etp) each
+    norms = 2 * h + (2 * e if arch.qk_layernorm else 0)  # input/pre-MLP norms (+ q/k norms)
+    router = n_exp * h  # replicated over TP: every rank routes its own tokens
+    bias = (q + 2 * g) * e // tp if arch.qkv_bias else 0
+    padded = padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    vocab = padded * h // tp
+    layers = arch.num_layers // pp
+    out = []
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        # Tied embeddings: one matrix when one stage holds both ends, else the last stage keeps
+        # its own copy as output_layer (megatron's shared embedding).
+        n_vocab = vocab * (first + (last and not (arch.tie_word_embeddings and pp == 1)))
+        per_layer = qkv + bias + proj + experts + norms + router
+        out.append(StageParams(
+            stage=stage, layers=layers, first_layer=stage * layers,
+            params=layers * per_layer + n_vocab + (h if last else 0),
+            replicated=layers * (norms + router) + (h if last else 0),
+            linear=layers * (qkv + proj + experts), vocab=n_vocab, padded_vocab_size=padded,
+            expert=layers * experts))
+    return out
+
+
 def optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, dp: int, distributed: bool) -> dict[str, float]:
     """Bytes per parameter of (params, grads, optimizer state) under megatron's mixed-precision
     Adam: fp32 main params unless the params are fp32, fp32 main grads unless the grad buffer is
@@ -227,16 +304,26 @@ def optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, dp: int, dis
 
 def layer_activation_bytes(tokens: int, *, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
                            tp: int, sequence_parallel: bool, act_bytes: int = 2, glu: bool = True,
-                           flash: bool = True, seq_len: int | None = None, dropout_masks: bool = False) -> float:
+                           flash: bool = True, seq_len: int | None = None, dropout_masks: bool = False,
+                           moe=None, etp: int | None = None) -> float:
     """Bytes one decoder layer keeps for backward for a micro-batch of ``tokens`` (module docstring).
 
     ``glu=False, flash=False, dropout_masks=True`` is GPT-3's layer as in Korthikanti et al.
     (``seq_len`` is then needed for the attention scores: ``tokens / seq_len`` sequences).
+    ``moe`` (``num_experts``, ``topk``, ``ffn_hidden_size``) replaces the dense MLP by an MoE
+    layer with expert TP ``etp`` (None: ``tp``), assuming balanced routing (module docstring).
     """
     s = tp if sequence_parallel else 1
     qe, ge = heads * head_dim, kv_heads * head_dim
-    mlp = 3 * ffn if glu else 2 * ffn  # fc1 output (2f for gate+up) and the activation output
-    out = act_bytes * tokens * (4 * hidden / s + (2 * qe + 2 * ge) / tp + mlp / tp)
+    if moe is None:
+        mlp = act_bytes * tokens * (3 * ffn if glu else 2 * ffn) / tp  # fc1 output (2f for gate+up), act output
+    else:
+        etp = tp if etp is None else etp
+        t_in = tokens / s  # the tokens this rank routes
+        routed = moe.topk * t_in  # token copies its experts receive, with balanced routing
+        mlp = (act_bytes * routed * (etp * hidden + 3 * moe.ffn_hidden_size + hidden)
+               + 4 * t_in * moe.num_experts + 4 * routed)
+    out = act_bytes * tokens * (4 * hidden / s + (2 * qe + 2 * ge) / tp) + mlp
     if dropout_masks:
         out += 2 * tokens * hidden / s  # two hidden-dropout masks, 1 B per element
     if flash:
@@ -361,9 +448,12 @@ def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_
     sp = cfg.model.sequence_parallel and tp > 1
     s = tp if sp else 1
     h = arch.hidden_size
+    moe = getattr(arch, "moe", None)
+    etp = p.etp or tp
+    edp = dp * tp * cp // (p.ep * etp)  # megatron's expert-data-parallel size: world / (pp x ep x etp)
     layer = layer_activation_bytes(t_rank, hidden=h, ffn=arch.ffn_hidden_size, heads=arch.num_attention_heads,
                                    kv_heads=arch.num_query_groups, head_dim=arch.head_dim, tp=tp,
-                                   sequence_parallel=sp, act_bytes=pbytes)
+                                   sequence_parallel=sp, act_bytes=pbytes, moe=moe, etp=etp)
     gran, method, n_rec = _recompute(cfg)
     if gran == "selective":
         layer -= 4 * t_rank * arch.num_attention_heads / tp  # the core attention's softmax stats
@@ -371,23 +461,37 @@ def train_rank_memory(cfg, arch, stages: list[StageParams], *, dp: int, reserve_
     seqs_per_dp = max(1, cfg.prompts_per_step * cfg.rollout.n_samples // cfg.actor.num_mini_batches // dp)
     dtype = "fp32" if fp32 else "bf16"
     state = "Adam m, v" if fp32 else "fp32 main + Adam m, v"
+    distributed = cfg.actor.optimizer.use_distributed_optimizer
     optim_how = f"{per['optimizer']:g} B x params" + (
         f" ({state} = {per['optimizer'] * dp:g} B / DP {dp})"
-        if cfg.actor.optimizer.use_distributed_optimizer else " (not sharded: distributed optimizer off)")
+        if distributed else " (not sharded: distributed optimizer off)")
+    per_expert = optimizer_bytes_per_param(param_bytes=pbytes, grad_bytes=4, dp=edp, distributed=distributed)
+    expert_optim_how = f"{per_expert['optimizer']:g} B x expert params" + (
+        f" ({state} = {per_expert['optimizer'] * edp:g} B / expert DP {edp})"
+        if distributed else " (not sharded: distributed optimizer off)")
     groups: dict[tuple, tuple[list[StageParams], list[Term]]] = {}
     for st in stages:
         in_flight = min(pp - st.stage, seqs_per_dp)
-        n = st.params
+        n, n_exp = st.params - st.expert, st.expert
         terms = [
-            Term(f"parameters ({dtype})", per["params"] * n, f"{per['params']:g} B x {_sci(n)} params"),
+            Term(f"parameters ({dtype})", per["params"] * n, f"{per['params']:g} B x {_sci(n)} params"
+                 + (" (all but the experts)" if n_exp else "")),
             Term("gradients (fp32 grad buffer)", per["grads"] * n, "4 B x params (megatron DDP, not sharded)"),
             Term("optimizer state", per["optimizer"] * n, optim_how),
         ]
+        if n_exp:
+            terms += [
+                Term(f"expert parameters ({dtype})", per_expert["params"] * n_exp,
+                     f"{per_expert['params']:g} B x {_sci(n_exp)} params ({moe.num_experts // p.ep} of "
+                     f"{moe.num_experts} experts x {st.layers} layers, / expert TP {etp})"),
+                Term("expert gradients (fp32)", per_expert["grads"] * n_exp, "4 B x expert params (not sharded)"),
+                Term("expert optimizer state", per_expert["optimizer"] * n_exp, expert_optim_how),
+            ]
         if cfg.model.fp8:
             terms.append(Term("FP8 weight copies (TE)", 2 * st.linear,
                               f"estimate: (1 B + 1 B transpose) x {_sci(st.linear)} linear params"))
         if cfg.actor.kl_coef > 0:
-            terms.append(Term(f"reference model ({dtype})", pbytes * n, "frozen copy (actor.kl_coef > 0)"))
+            terms.append(Term(f"reference model ({dtype})", pbytes * st.params, "frozen copy (actor.kl_coef > 0)"))
         L = st.layers
         if gran == "full" and method == "uniform":
             groups_n = math.ceil(L / n_rec)
@@ -441,7 +545,12 @@ def sglang_weight_params(arch, tp: int) -> int:
     h, f, e = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q = arch.num_attention_heads // tp
     kv = arch.num_query_groups // tp if arch.num_query_groups >= tp else 1
-    layer = h * e * (q + 2 * kv) + q * e * h + 3 * h * f // tp + 2 * h
+    moe = getattr(arch, "moe", None)
+    if moe is None:
+        mlp = 3 * h * f // tp
+    else:  # SGLang's default MoE layout (no --ep-size): every expert split over TP, router replicated
+        mlp = moe.num_experts * (3 * h * moe.ffn_hidden_size // tp + h)
+    layer = h * e * (q + 2 * kv) + q * e * h + mlp + 2 * h
     if arch.qkv_bias:
         layer += e * (q + 2 * kv)
     if arch.qk_layernorm:
@@ -512,12 +621,23 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
     dp = p.validate(train_gpus)
     hf = hf_config_from(hf_config)
     arch = get_family(hf).arch_config(hf)
-    if stages is None:
+    moe = getattr(arch, "moe", None)
+    if moe is not None:
+        _check_moe_layout(cfg, train_gpus)
+    if stages is None and moe is not None:
+        try:
+            stages = moe_stage_params(arch, moe, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp,
+                                      make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
+        except ValueError as e:
+            raise MemoryPlanError(f"the model does not fit the layout: {e}") from None
+    elif stages is None:
         stages = count_stage_params(hf, p.tp, p.pp, cp=p.cp,
                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
     ranks = train_rank_memory(cfg, arch, stages, dp=dp, reserve_gib=reserve_gib)
     gran, method, n_rec = _recompute(cfg)
-    layout = f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp} = {train_gpus} GPUs"
+    layout = (f"TP{p.tp} x PP{p.pp}" + (f" x CP{p.cp}" if p.cp > 1 else "") + f" x DP{dp} = {train_gpus} GPUs"
+              + (f" (experts: EP{p.ep} x ETP{p.etp or p.tp} x expert DP "
+                 f"{train_gpus // (p.pp * p.ep * (p.etp or p.tp))})" if moe is not None else ""))
     notes = [f"training {layout}; micro-batch {micro_batch_tokens(cfg)} tokens; recompute "
              f"{gran or 'none'}{f' ({method}, {n_rec} layer)' if gran == 'full' else ''}; sequence parallel "
              f"{'on' if cfg.model.sequence_parallel and p.tp > 1 else 'off'}; {cfg.model.dtype}"
@@ -531,9 +651,28 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
         notes.append(f"rollouts: {servers} SGLang server(s) x TP{cfg.rollout.sglang_tp} = {rollout_gpus} GPUs; "
                      f"{cfg.rollout.client.max_concurrency} requests in flight in all")
     total = sum(s.params for s in stages)
-    notes.append(f"GiB = 2^30 B; parameters counted from the megatron model built per stage "
-                 f"({_sci(total)} on TP rank 0 of all stages)")
+    if moe is not None:
+        notes.append(f"MoE: {moe.num_experts} experts, top-{moe.topk}, expert width {moe.ffn_hidden_size}; "
+                     "activations assume balanced routing")
+        notes.append(f"GiB = 2^30 B; parameters from megatron's MoE layout per rank ({_sci(total)} on "
+                     "TP and EP rank 0 of all stages)")
+    else:
+        notes.append(f"GiB = 2^30 B; parameters counted from the megatron model built per stage "
+                     f"({_sci(total)} on TP rank 0 of all stages)")
     return MemoryPlan(title=title or "memory plan", gpu_gib=gpu_gib, ranks=tuple(ranks), notes=tuple(notes))
+
+
+def _check_moe_layout(cfg, world: int) -> None:
+    """What megatron-core refuses for an MoE layout, named by config key."""
+    p = cfg.parallel
+    etp = p.etp or p.tp
+    if world % (p.pp * p.ep * etp):
+        raise MemoryPlanError(f"parallel.pp x parallel.ep x parallel.etp = {p.pp} x {p.ep} x {etp} does not "
+                              f"divide the {world} training GPUs (megatron's expert-parallel grid)")
+    if p.tp > 1 and not cfg.model.sequence_parallel:
+        # megatron-core's MoELayer raises in training with TP > 1 and sequence parallelism off.
+        raise MemoryPlanError(f"parallel.tp={p.tp} with an MoE model needs model.sequence_parallel=true "
+                              "(megatron's MoE layer refuses tensor parallelism without it in training)")
 
 
 # ------------------------------------------------------------------------------ recipes
@@ -621,6 +760,7 @@ __all__ = [
     "hf_config_from",
     "kv_bytes_per_token",
     "layer_activation_bytes",
+    "moe_stage_params",
     "optimizer_bytes_per_param",
     "plan_memory",
     "plan_recipe",

@@ -1,8 +1,9 @@
 """Build this rank's megatron-core model chunk from a Hugging Face ``config.json``.
 
-Supported: the dense decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE
-scaling, Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm): RMSNorm, SwiGLU MLP, RoPE,
-grouped-query attention, tied or untied embeddings.
+Supported: the decoder families registered in ``families/`` (Llama incl. Llama-3 RoPE scaling,
+Qwen2/2.5 with QKV bias, Qwen3 with per-head q/k RMSNorm, Qwen3-MoE with expert parallelism):
+RMSNorm, SwiGLU MLP or MoE layer, RoPE, grouped-query attention, tied or untied embeddings. The
+family supplies the MLP's ``TransformerConfig`` fields and the layer spec.
 
 **Why GPTModel and not HybridModel.** megatron-core 0.19 logs "GPTModel IS DEPRECATED" and points
 to ``HybridModel``. We still build ``GPTModel`` deliberately, because in 0.19 HybridModel
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from maspo_megatron.megatron.families import ArchConfig, Family, get_family
 
@@ -108,6 +108,10 @@ def make_model_spec(
     hf_config = load_hf_config(hf_config_or_path)
     family = get_family(hf_config)
     arch = family.arch_config(hf_config)
+    stray = sorted(k for k in (config_overrides or {}) if k.startswith("moe_"))
+    if arch.moe is None and stray:
+        raise ValueError(f"{stray} set for {family.name}, which is not a mixture-of-experts model "
+                         "(model.moe_aux_loss_coeff / model.transformer_overrides)")
     vpp = getattr(parallel, "vpp", None)
     if arch.num_layers % parallel.pp:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pp={parallel.pp}")
@@ -120,23 +124,19 @@ def make_model_spec(
     if actual != (parallel.tp, parallel.pp, vpp):
         raise ValueError(f"parallel config tp={parallel.tp}, pp={parallel.pp}, vpp={vpp} does not match the "
                          f"initialised parallel state tp={actual[0]}, pp={actual[1]}, vpp={actual[2]}")
-    for name, count in (("num_attention_heads", arch.num_attention_heads),
-                        ("intermediate_size", arch.ffn_hidden_size)):
-        if count % parallel.tp:
-            raise ValueError(f"config.json {name}={count} is not divisible by tp={parallel.tp}")
+    if arch.num_attention_heads % parallel.tp:
+        raise ValueError(f"config.json num_attention_heads={arch.num_attention_heads} is not divisible "
+                         f"by tp={parallel.tp}")
     if use_te is None:
         use_te = te_available()
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
@@ -158,6 +158,7 @@ def make_model_spec(
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
         apply_rope_fusion=use_te,
+        **family.transformer_fields(arch, parallel),
     )
     kwargs.update(config_overrides or {})
     tf_config = TransformerConfig(**kwargs)
@@ -172,17 +173,6 @@ def make_model_spec(
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )
-
-
-def _layer_spec(spec: ModelSpec):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    if spec.use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.arch.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=spec.arch.qk_layernorm, normalization="RMSNorm")
 
 
 def _rope_kwargs(arch: ArchConfig) -> dict[str, Any]:
@@ -244,7 +234,7 @@ def build_model(
         )
         model = GPTModel(
             config=spec.transformer_config,
-            transformer_layer_spec=_layer_spec(chunk_spec),
+            transformer_layer_spec=spec.family.layer_spec(arch, spec.use_te),
             vocab_size=spec.padded_vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=chunk_spec.pre_process,

@@ -210,6 +210,7 @@ class RewardPool:
         self.num_restarts = 0  # workers killed for overrunning (a metric worth logging)
         self._warned_error = self._warned_timeout = False
         self._workers: list[_Worker] = []
+        self._score_lock = threading.Lock()
         if num_workers == 0:
             _prepare(self.fn)
             return
@@ -260,6 +261,10 @@ class RewardPool:
         ``ceil(len / num_workers) * (timeout_s + kill_grace_s)``, plus worker restarts."""
         if len(responses) != len(answers):
             raise ValueError(f"score() got {len(responses)} responses but {len(answers)} answers")
+        with self._score_lock:  # a pipelined rollout's thread and an evaluation may both score
+            return self._score(responses, answers)
+
+    def _score(self, responses: Sequence[str], answers: Sequence[str]) -> list[RewardResult]:
         if self.num_workers == 0:
             if threading.current_thread() is not threading.main_thread():
                 logger.warning("inline reward scoring outside the main thread runs without a time limit")

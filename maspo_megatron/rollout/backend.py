@@ -86,9 +86,15 @@ class GenerateOutput:
     finish_detail: dict[str, Any]  # the engine's raw finish-reason object
     prompt_tokens: int
     completion_tokens: int
-    weight_version: str | None
+    weight_version: str | None  # the server's version when it answered
+    token_versions: list[str] | None = None
+    """Per output token, the weight version it was sampled under (the engine's record; None when
+    the engine sent none)."""
     input_logprobs: list[float | None] | None = None  # prompt log-probs, when asked for
     meta_info: dict[str, Any] = field(default_factory=dict)
+    routed_experts: torch.Tensor | None = None
+    """Routing replay: int32 ``[prompt + output - 1, layers, topk]``, the experts the engine routed
+    each token to, in forward order (the last output token is never forwarded), when asked for."""
 
 
 class ProtocolError(ValueError):
@@ -207,13 +213,19 @@ class RolloutBackend(abc.ABC):
     def check_model(self, spec: ServerSpec, hf_config: dict) -> None:
         """Raises ValueError when the engine cannot serve this model with this spec."""
 
+    def routing_replay_args(self) -> list[str]:
+        """Server arguments that make it return routed experts (routing replay)."""
+        raise NotImplementedError(f"rollout engine {self.name!r} cannot return routed experts")
+
     health_path: str = "/health"
 
     # ---------------------------------------------------------------- generation
     generate_path: str = "/generate"
 
     @abc.abstractmethod
-    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams) -> dict: ...
+    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams,
+                         routed_experts: bool = False) -> dict:
+        """``routed_experts``: also ask for every token's routed experts (routing replay)."""
 
     @abc.abstractmethod
     def score_request(self, sequences: Sequence[Sequence[int]]) -> dict:
@@ -221,7 +233,10 @@ class RolloutBackend(abc.ABC):
         every sequence (a single prefill batch: the probe of every weight sync's proof)."""
 
     @abc.abstractmethod
-    def parse_generate(self, body: Any, expected: int, want_logprobs: bool) -> list[GenerateOutput]: ...
+    def parse_generate(self, body: Any, expected: int, want_logprobs: bool,
+                       routes: tuple[int, int] | None = None) -> list[GenerateOutput]:
+        """``routes``: ``(layers, topk)`` when the request asked for routed experts (each output
+        must then carry them, that shape per token)."""
 
     @abc.abstractmethod
     def parse_score(self, body: Any, lengths: Sequence[int]) -> list[list[float]]:
@@ -230,6 +245,11 @@ class RolloutBackend(abc.ABC):
     @abc.abstractmethod
     def error_message(self, status: int, text: str) -> str:
         """The engine's own message from an error body."""
+
+    def max_running_requests(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> int:
+        """How many requests the server at ``url`` runs at once (beyond that it queues them)."""
+        raise NotImplementedError(f"the {self.name} backend cannot read a server's running-request limit; "
+                                  "set rollout.client.max_running_per_server")
 
     # ---------------------------------------------------------------- weights
     @abc.abstractmethod

@@ -36,12 +36,13 @@ a list before truncating). On failure the servers stay paused, the sync raises
 
 The wire format of each call is the backend's (``rollout/backend.py``; SGLang in ``rollout/sglang``).
 
-Pipeline parallelism: each pipeline stage's sender (one rank per stage that holds that stage's
-full HF-named tensors) makes its own ``WeightSyncer`` with ``sender_index = stage`` and
-``num_senders = PP``, and its own group (``<group_name>_s<index>_<random>``) in which it is rank 0 — SGLang
-receivers always broadcast from rank 0. Stages take turns (``turn_barrier``) because a server
-serves one weight-update call at a time: two senders reaching servers in different orders would
-deadlock their collectives. No stage ever holds another stage's layers.
+Several senders (pipeline stages; expert-parallel ranks of MoE models): each sender (a rank
+that holds full HF-named tensors of its share: its stage, its experts) makes its own
+``WeightSyncer`` with its ``sender_index`` among ``num_senders``, and its own group
+(``<group_name>_s<index>_<random>``) in which it is rank 0 — SGLang receivers always broadcast
+from rank 0. Senders take turns (``turn_barrier``) because a server serves one weight-update
+call at a time: two senders reaching servers in different orders would deadlock their
+collectives. No sender ever holds another stage's layers or another rank's experts.
 
 Timeouts bound every step: HTTP calls (``http_timeout_s``, per bucket ``timeout_s``) and the
 collectives (group timeout), so a server that dies during a sync gives an error naming it within

@@ -33,7 +33,12 @@ Redirections:
    autograd's backward. The mode of 1. dispatched ``torch.autograd.backward`` itself, and torch
    runs a mode's handler with the mode popped, so the recomputed forward would see no mode (its
    causal mask, ``transformer/utils.py`` ``device="cuda"``, failed): their ``backward`` runs under
-   the mode again.
+   the mode again. The same for the MoE all-to-all (``tensor_parallel/mappings.py``
+   ``_AllToAll``), whose backward allocates on ``torch.cuda.current_device()``.
+6. MoE alltoall dispatcher split sizes: ``transformer/moe/token_dispatcher.py`` turns the
+   per-rank token counts into host numpy arrays with ``moe_utils.maybe_move_tensor_to_cpu(...,
+   as_numpy=True)``, which converts only CUDA tensors; on CPU they stayed tensors, which
+   ``all_to_all_single`` rejects as split sizes. The CPU tensors become numpy arrays too.
 """
 
 from __future__ import annotations
@@ -135,15 +140,29 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
-def _patch_megatron_recompute() -> None:
+def _patch_megatron_backwards() -> None:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
 
-    for cls in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+    for cls in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction, mappings._AllToAll):
         def backward(ctx, *grads, _backward=cls.backward):
             with _CudaToCpuMode():
                 return _backward(ctx, *grads)
 
         cls.backward = staticmethod(backward)
+
+
+def _patch_megatron_moe_splits() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def _quiet_cpu_warnings() -> None:
@@ -175,7 +194,8 @@ def enable_cpu_mode() -> None:
             )
         _patch_torch_cuda()
         _patch_megatron_rng()
-        _patch_megatron_recompute()
+        _patch_megatron_backwards()
+        _patch_megatron_moe_splits()
         _quiet_cpu_warnings()
         # Entered for the life of the process; torch keeps the mode stack per thread, so
         # megatron's helper threads would need their own (none are used on CPU).

@@ -4,6 +4,7 @@ from maspo_megatron.megatron.families import llama, qwen2, qwen3, qwen3_moe  # n
 from maspo_megatron.megatron.families.base import (
     ArchConfig,
     Family,
+    MoeArch,
     ParamRule,
     RopeConfig,
     ShardKind,
@@ -16,6 +17,7 @@ from maspo_megatron.megatron.families.base import (
 __all__ = [
     "ArchConfig",
     "Family",
+    "MoeArch",
     "ParamRule",
     "RopeConfig",
     "ShardKind",

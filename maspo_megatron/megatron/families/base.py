@@ -2,9 +2,11 @@
 
 A family is one small module (``llama.py``, ``qwen2.py`` ...) that calls :func:`register` with a
 :class:`Family`: the HF ``architectures`` it accepts, a function translating the HF config into
-an :class:`ArchConfig` (rejecting config features we do not implement, by key), and a function
-listing the :class:`ParamRule` s that map each Megatron parameter to its HF tensor(s). Model
-building (``model.py``) and conversion (``convert.py``) only ever talk to these objects.
+an :class:`ArchConfig` (rejecting config features we do not implement, by key), the
+``TransformerConfig`` fields of its MLP (dense or MoE), its megatron layer spec, and the
+:class:`ParamRule` s that map each Megatron parameter to its HF tensor(s). Model building
+(``model.py``) and conversion (``convert.py``) only ever talk to these objects, so a new family
+is a module here (plus shared pieces in ``dense.py`` / ``moe.py``) and no branch elsewhere.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class ParamRule:
     parameter under other specs (Transformer Engine fuses the pre-attention / pre-MLP norms
     into ``linear_qkv`` / ``linear_fc1``). Per-layer rules use names relative to
     ``decoder.layers.<i>.`` and HF names containing ``{layer}`` (the global layer index).
+    Expert rules (``expert=True``) stand for one parameter per expert: the Megatron name holds
+    ``{expert}`` (the local expert index on this expert-parallel rank), the HF names ``{expert}``
+    (the global index); they are split over the expert-tensor-parallel group.
     """
 
     megatron: str
@@ -53,6 +58,7 @@ class ParamRule:
     aliases: tuple[str, ...] = ()
     export: bool = True
     """False for a duplicate (the last stage's copy of tied embeddings): loaded, never exported."""
+    expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,20 @@ class RopeConfig:
     """``default``, ``linear`` (position interpolation) or ``llama3``."""
     params: dict[str, float] = field(default_factory=dict)
     """The scaling parameters of ``kind`` (``factor``, ``low_freq_factor`` ...)."""
+
+
+@dataclass(frozen=True)
+class MoeArch:
+    """The mixture-of-experts part of an architecture (every decoder layer is an MoE layer)."""
+
+    num_experts: int
+    ffn_hidden_size: int
+    """Hidden size of one expert's MLP."""
+    topk: int
+    norm_topk_prob: bool
+    """Renormalise the top-k routing probabilities to sum to one."""
+    aux_loss_coeff: float
+    """The checkpoint's load-balancing loss coefficient (the default of ours)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,7 @@ class ArchConfig:
     tie_word_embeddings: bool
     qkv_bias: bool = False
     qk_layernorm: bool = False
+    moe: MoeArch | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,11 @@ class Family:
     """HF ``PretrainedConfig`` -> :class:`ArchConfig`; raises UnsupportedArchitectureError."""
     param_rules: Callable[[ArchConfig], tuple[tuple[ParamRule, ...], tuple[ParamRule, ...]]]
     """:class:`ArchConfig` -> (model-level rules, per-layer rules)."""
+    transformer_fields: Callable[[ArchConfig, Any], dict[str, Any]]
+    """(:class:`ArchConfig`, ``ParallelConfig``) -> the ``TransformerConfig`` fields of the MLP
+    (dense or MoE); raises ValueError naming the config key a layout cannot split."""
+    layer_spec: Callable[[ArchConfig, bool], Any]
+    """(:class:`ArchConfig`, use_te) -> megatron's ``ModuleSpec`` of one decoder layer."""
 
 
 _REGISTRY: dict[str, Family] = {}

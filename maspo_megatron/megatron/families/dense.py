@@ -3,14 +3,18 @@
 They share the HF module layout ``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``, and differ only
 in QKV bias (Qwen2) and per-head q/k RMSNorm (Qwen3), which the family passes as flags.
+:func:`dense_family` bundles these pieces into a :class:`Family`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import torch.nn.functional as F
 
 from maspo_megatron.megatron.families.base import (
     ArchConfig,
+    Family,
     ParamRule,
     RopeConfig,
     ShardKind,
@@ -64,9 +68,36 @@ def dense_arch_config(hf_config: Any, *, qkv_bias: bool, qk_layernorm: bool) -> 
     )
 
 
-def dense_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[ParamRule, ...]]:
-    """(model-level, per-layer) rules of a dense decoder, honouring the arch's optional parts."""
-    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size
+def divisible(key: str, count: int, by: int, what: str) -> None:
+    """Raises ValueError naming the config key when ``count`` cannot be split ``by`` ways."""
+    if count % by:
+        raise ValueError(f"config.json {key}={count} is not divisible by {what}={by}")
+
+
+def dense_transformer_fields(arch: ArchConfig, parallel: Any) -> dict[str, Any]:
+    """The SwiGLU MLP of every layer, split over TP."""
+    divisible("intermediate_size", arch.ffn_hidden_size, parallel.tp, "tp")
+    return dict(ffn_hidden_size=arch.ffn_hidden_size, gated_linear_unit=True, activation_func=F.silu)
+
+
+def dense_layer_spec(arch: ArchConfig, use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def dense_family(name: str, architectures: tuple[str, ...], arch_config: Callable[[Any], ArchConfig]) -> Family:
+    return Family(name, architectures, arch_config, dense_param_rules, dense_transformer_fields, dense_layer_spec)
+
+
+def attention_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[ParamRule, ...]]:
+    """(model-level, per-layer attention and norm) rules, shared by dense and MoE decoders."""
+    h, v = arch.hidden_size, arch.vocab_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
     embed = "model.embed_tokens.weight"
     model_rules = [
@@ -77,18 +108,13 @@ def dense_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[Pa
         ParamRule("output_layer.weight", (embed,) if arch.tie_word_embeddings else ("lm_head.weight",),
                   ShardKind.VOCAB, ((v, h),), export=not arch.tie_word_embeddings),
     ]
-    attn, mlp = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
+    attn = "model.layers.{layer}.self_attn."
     layer_rules = [
         ParamRule("input_layernorm.weight", ("model.layers.{layer}.input_layernorm.weight",),
                   ShardKind.REPLICATED, ((h,),), aliases=("self_attention.linear_qkv.layer_norm_weight",)),
         ParamRule("self_attention.linear_qkv.weight", tuple(attn + f"{p}_proj.weight" for p in "qkv"),
                   ShardKind.QKV, ((q, h), (kv, h), (kv, h))),
         ParamRule("self_attention.linear_proj.weight", (attn + "o_proj.weight",), ShardKind.ROW, ((h, q),)),
-        ParamRule("pre_mlp_layernorm.weight", ("model.layers.{layer}.post_attention_layernorm.weight",),
-                  ShardKind.REPLICATED, ((h,),), aliases=("mlp.linear_fc1.layer_norm_weight",)),
-        ParamRule("mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-                  ShardKind.GATE_UP, ((f, h), (f, h))),
-        ParamRule("mlp.linear_fc2.weight", (mlp + "down_proj.weight",), ShardKind.ROW, ((h, f),)),
     ]
     if arch.qkv_bias:
         layer_rules.append(ParamRule("self_attention.linear_qkv.bias", tuple(attn + f"{p}_proj.bias" for p in "qkv"),
@@ -100,3 +126,17 @@ def dense_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[Pa
             ParamRule("self_attention.k_layernorm.weight", (attn + "k_norm.weight",), ShardKind.REPLICATED, (d,)),
         ]
     return tuple(model_rules), tuple(layer_rules)
+
+
+def dense_param_rules(arch: ArchConfig) -> tuple[tuple[ParamRule, ...], tuple[ParamRule, ...]]:
+    """(model-level, per-layer) rules of a dense decoder, honouring the arch's optional parts."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    model_rules, layer_rules = attention_param_rules(arch)
+    mlp = "model.layers.{layer}.mlp."
+    return model_rules, layer_rules + (
+        ParamRule("pre_mlp_layernorm.weight", ("model.layers.{layer}.post_attention_layernorm.weight",),
+                  ShardKind.REPLICATED, ((h,),), aliases=("mlp.linear_fc1.layer_norm_weight",)),
+        ParamRule("mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                  ShardKind.GATE_UP, ((f, h), (f, h))),
+        ParamRule("mlp.linear_fc2.weight", (mlp + "down_proj.weight",), ShardKind.ROW, ((h, f),)),
+    )

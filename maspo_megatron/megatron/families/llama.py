@@ -1,7 +1,7 @@
 """Llama (1/2/3.x, incl. Llama-3 RoPE scaling) and Llama-architecture distills."""
 
-from maspo_megatron.megatron.families.base import Family, register, require
-from maspo_megatron.megatron.families.dense import dense_arch_config, dense_param_rules
+from maspo_megatron.megatron.families.base import register, require
+from maspo_megatron.megatron.families.dense import dense_arch_config, dense_family
 
 
 def _arch_config(hf_config):
@@ -10,4 +10,4 @@ def _arch_config(hf_config):
     return dense_arch_config(hf_config, qkv_bias=False, qk_layernorm=False)
 
 
-LLAMA = register(Family("llama", ("LlamaForCausalLM",), _arch_config, dense_param_rules))
+LLAMA = register(dense_family("llama", ("LlamaForCausalLM",), _arch_config))

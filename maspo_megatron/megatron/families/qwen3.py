@@ -1,7 +1,7 @@
 """Qwen3 (dense): per-head RMSNorm on queries and keys before RoPE, no QKV bias."""
 
-from maspo_megatron.megatron.families.base import Family, register, require
-from maspo_megatron.megatron.families.dense import dense_arch_config, dense_param_rules
+from maspo_megatron.megatron.families.base import register, require
+from maspo_megatron.megatron.families.dense import dense_arch_config, dense_family
 
 
 def _arch_config(hf_config):
@@ -9,4 +9,4 @@ def _arch_config(hf_config):
     return dense_arch_config(hf_config, qkv_bias=False, qk_layernorm=True)
 
 
-QWEN3 = register(Family("qwen3", ("Qwen3ForCausalLM",), _arch_config, dense_param_rules))
+QWEN3 = register(dense_family("qwen3", ("Qwen3ForCausalLM",), _arch_config))

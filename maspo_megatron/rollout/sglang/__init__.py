@@ -147,17 +147,25 @@ class SGLangBackend(RolloutBackend):
     def check_model(self, spec: ServerSpec, hf_config: dict) -> None:
         check_model(spec, hf_config)
 
-    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams) -> dict:
-        return {"input_ids": list(input_ids), "sampling_params": wire.sampling_json(sampling),
+    def generate_request(self, input_ids: Sequence[int], sampling: SamplingParams,
+                         routed_experts: bool = False) -> dict:
+        body = {"input_ids": list(input_ids), "sampling_params": wire.sampling_json(sampling),
                 "return_logprob": True}
+        if routed_experts:  # from the first token: the trainer replays prompts too
+            body.update(return_routed_experts=True, routed_experts_start_len=0)
+        return body
 
     def score_request(self, sequences: Sequence[Sequence[int]]) -> dict:
         # A batch of prompts with no new token: one prefill, every prompt log-prob returned.
         return {"input_ids": [list(s) for s in sequences], "sampling_params": {"max_new_tokens": 0},
                 "return_logprob": True, "logprob_start_len": 0}
 
-    def parse_generate(self, body, expected: int, want_logprobs: bool):
-        return wire.parse_generate_response(body, expected, want_logprobs)
+    def parse_generate(self, body, expected: int, want_logprobs: bool, routes=None):
+        return wire.parse_generate_response(body, expected, want_logprobs, routes)
+
+    def routing_replay_args(self) -> list[str]:
+        # On CPU the capturer's host buffer needs cpu_shim/sitecustomize.py (unpinned).
+        return ["--enable-return-routed-experts"]
 
     def parse_score(self, body, lengths: Sequence[int]) -> list[list[float]]:
         out = []
@@ -175,6 +183,16 @@ class SGLangBackend(RolloutBackend):
 
     def updater(self, url: str, api_key: str | None = None, http_timeout_s: float = 60.0):
         return SGLangUpdater(url, api_key, http_timeout_s)
+
+    def max_running_requests(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> int:
+        # /server_info: one internal state per DP rank, each with the limit its scheduler resolved.
+        info = get_json(url.rstrip("/"), "/server_info", timeout_s, api_key)
+        states = info.get("internal_states") if isinstance(info, dict) else None
+        try:
+            return sum(int(s["effective_max_running_requests_per_dp"]) for s in states)
+        except (TypeError, KeyError, ValueError):
+            raise wire.ProtocolError(f"{url}/server_info has no internal_states[*].effective_max_running_requests_per_dp: "
+                                  f"{str(info)[:300]}") from None
 
 
 BACKEND = SGLangBackend()

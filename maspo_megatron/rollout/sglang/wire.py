@@ -13,13 +13,27 @@ Behaviour as run against the real server (python/sglang/srt), not only as read:
 - errors: an unknown sampling key gives 400 ``{"error": "unknown field ..."}``; most others
   ``{"object": "error", "message": ...}``; weight endpoints ``{"success": false, "message": ...}``
   with 400. ``/release_memory_occupation`` answers 200 with body ``null``.
-- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``).
+- the weight version is ``/model_info``'s ``weight_version`` (there is no ``/get_weight_version``);
+  a response's ``meta_info.weight_version`` is the server's when it answered, and
+  ``meta_info.weight_versions`` the spans ``[{version, start, end}]`` of its output tokens (split
+  where ``/update_weight_version`` landed while the request was in flight, e.g. paused by retract).
+- routed experts (routing replay; server flag ``--enable-return-routed-experts``, request fields
+  ``return_routed_experts`` and ``routed_experts_start_len``): ``meta_info.routed_experts`` is
+  base64 of a row-major int32 array ``[seqlen - 1 - start_len, num_hidden_layers, topk]`` with
+  ``seqlen = prompt + output`` tokens (``BatchResultProcessor._maybe_collect_routed_experts``,
+  ``BaseTopkCapturer.get_topk``): every forwarded token from ``start_len`` on, the last output
+  token never being forwarded. Every HF layer has a row; a dense layer's stays 0.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any, Sequence
+
+import numpy as np
+import torch
 
 from maspo_megatron.rollout.backend import GenerateOutput, ProtocolError, SamplingParams
 
@@ -32,6 +46,23 @@ def sampling_json(p: SamplingParams) -> dict[str, Any]:
     if p.sampling_seed is not None:
         out["sampling_seed"] = p.sampling_seed
     return out
+
+
+def decode_routed_experts(meta: dict, where: str, tokens: int, layers: int, topk: int) -> torch.Tensor:
+    """``meta_info.routed_experts`` -> int32 ``[tokens - 1, layers, topk]``, checking its size."""
+    raw = meta.get("routed_experts")
+    if not isinstance(raw, str):
+        raise ProtocolError(f"{where}: routed experts were requested but meta_info.routed_experts is "
+                            f"{clip(raw)} (server started without --enable-return-routed-experts?)")
+    try:
+        flat = np.frombuffer(base64.b64decode(raw, validate=True), dtype=np.int32)
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"{where}: meta_info.routed_experts is not base64 of int32: {e}") from e
+    want = (tokens - 1) * layers * topk
+    if flat.size != want:
+        raise ProtocolError(f"{where}: meta_info.routed_experts holds {flat.size} ids, expected "
+                            f"{want} = ({tokens} tokens - 1) x {layers} layers x top-{topk}")
+    return torch.from_numpy(flat.copy()).reshape(tokens - 1, layers, topk)
 
 
 def clip(obj: Any, limit: int = 300) -> str:
@@ -60,8 +91,12 @@ def parse_logprob_triples(items: Any, where: str, token_ids: Sequence[int] | Non
     return values
 
 
-def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> list[GenerateOutput]:
-    """Parses a /generate JSON body (one object, or a list for batch / n>1 requests)."""
+def parse_generate_response(body: Any, expected: int, want_logprobs: bool,
+                            routes: tuple[int, int] | None = None) -> list[GenerateOutput]:
+    """Parses a /generate JSON body (one object, or a list for batch / n>1 requests).
+
+    ``routes``: ``(layers, topk)`` when routed experts were requested: each output must carry
+    them for its ``meta_info.prompt_tokens`` + output tokens."""
     items = body if isinstance(body, list) else [body]
     if len(items) != expected:
         raise ProtocolError(f"/generate returned {len(items)} outputs, expected {expected}: {clip(body)}")
@@ -87,8 +122,14 @@ def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> li
         input_lp = None
         if want_logprobs and meta.get("input_token_logprobs"):
             input_lp = parse_logprob_triples(meta["input_token_logprobs"], where + ".meta_info.input_token_logprobs")
+        routed = None
+        if routes is not None and finish["type"] != "abort":
+            prompt = int(_field(meta, "prompt_tokens", where))
+            routed = decode_routed_experts(meta, where, prompt + len(output_ids), *routes)
         outs.append(GenerateOutput(
+            routed_experts=routed,
             output_ids=[int(t) for t in output_ids],
+            token_versions=_token_versions(meta, len(output_ids), where + ".meta_info"),
             output_logprobs=logprobs,
             finish_reason=str(finish["type"]),
             finish_detail=finish,
@@ -99,6 +140,25 @@ def parse_generate_response(body: Any, expected: int, want_logprobs: bool) -> li
             meta_info=meta,
         ))
     return outs
+
+
+def _token_versions(meta: dict, n: int, where: str) -> list[str] | None:
+    """Per output token, the weight version it was sampled under, from ``weight_versions``: the
+    spans ``[{version, start, end}]`` SGLang records when ``/update_weight_version`` lands while
+    a request is in flight (absent: the server sent none, e.g. for an aborted request)."""
+    spans = meta.get("weight_versions")
+    if spans is None:
+        return None
+    out: list[str] = []
+    for span in spans if isinstance(spans, list) else [spans]:
+        if not isinstance(span, dict) or not {"version", "start", "end"} <= span.keys() \
+                or span["start"] != len(out) or span["end"] < span["start"]:
+            raise ProtocolError(f"{where}.weight_versions: expected contiguous spans "
+                                f"[{{version, start, end}}] from token 0, got {clip(spans)}")
+        out += [str(span["version"])] * (span["end"] - span["start"])
+    if len(out) != n:
+        raise ProtocolError(f"{where}.weight_versions cover {len(out)} tokens, the output has {n}: {clip(spans)}")
+    return out
 
 
 def error_message(status: int, text: str) -> str:
