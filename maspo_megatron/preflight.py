@@ -11,7 +11,9 @@ prints it and exits 2, with no traceback and nothing started. In order:
 - model files: ``config.json`` parses and names a supported architecture, and every safetensors
   file's header reads (a truncated or partial download is named);
 - the layout against ``config.json``: ``parallel.tp`` divides the attention heads, key/value
-  heads and MLP width, ``parallel.pp`` the layers, and the process count fits ``tp*pp*cp``;
+  heads and MLP width, ``parallel.pp`` (times ``parallel.vpp``) the layers, and the process
+  count fits ``tp*pp*cp``; with virtual pipeline stages, every data-parallel rank gets at least
+  ``pp`` sequences per mini-batch (the interleaved schedule's micro-batch minimum);
 - the rollout backend's own check of the model (e.g. ``rollout.sglang_tp`` against the heads);
 - ``reward.fn`` resolves (a registered name or ``module:function``);
 - the data: the first rows of ``data.train_path`` (and ``data.eval_path`` when evaluating)
@@ -160,11 +162,24 @@ def check_layout(cfg, hf_config: dict, nproc: int | None = None) -> None:
     if layers % pp:
         raise fail(f"parallel.pp={pp} does not divide num_hidden_layers={layers} of {src}; pp values "
                    f"that fit: {_divisors_fitting([layers], limit=layers)}")
+    vpp = cfg.parallel.vpp
+    if vpp and layers % (pp * vpp):
+        fits = [v for v in range(1, layers // pp + 1) if layers % (pp * v) == 0]
+        raise fail(f"parallel.pp * parallel.vpp = {pp}*{vpp} does not divide num_hidden_layers={layers} "
+                   f"of {src} (each virtual pipeline stage holds as many layers); vpp values that fit "
+                   f"at pp={pp}: {fits}")
     if nproc is not None:
         try:
-            cfg.parallel.validate(nproc)
+            dp = cfg.parallel.validate(nproc)
         except ValueError as e:
             raise fail(f"{nproc} processes (--nproc-per-node, or the GPUs here): {e}") from None
+        per_rank = cfg.prompts_per_step * cfg.rollout.n_samples // cfg.actor.num_mini_batches // dp
+        if vpp and per_rank < pp:
+            raise fail(f"parallel.vpp={vpp}: the interleaved schedule needs at least parallel.pp={pp} "
+                       f"micro-batches, but each data-parallel rank gets {per_rank} sequences per "
+                       f"mini-batch (prompts_per_step={cfg.prompts_per_step} x rollout.n_samples="
+                       f"{cfg.rollout.n_samples} / actor.num_mini_batches={cfg.actor.num_mini_batches} "
+                       f"/ {dp} data-parallel ranks); raise prompts_per_step or lower num_mini_batches")
 
 
 def check_rollout_model(cfg, hf_config: dict) -> None:

@@ -2,7 +2,8 @@
 and the proof that the servers then compute what the trainer computes.
 
 One sender per pipeline stage: TP rank 0 of the first data-parallel replica streams its stage's
-HF-named tensors (``megatron.convert.export_hf``) into the servers' weight-update group; its TP
+HF-named tensors (``megatron.convert.export_hf``; with virtual pipeline stages, those of each of
+its model chunks) into the servers' weight-update group; its TP
 peers take part in the per-tensor TP all-gathers of the export; other data-parallel replicas
 hold the same weights and do nothing. Mixture-of-experts models add one sender per
 expert-parallel rank of each stage (expert-TP rank 0 of the first expert-data-parallel replica):

@@ -21,13 +21,13 @@ def sglang_manager(model_dir: str, n: int, log_dir: str, **spec_fields) -> Serve
                          startup_timeout_s=STARTUP_TIMEOUT_S, log_dir=log_dir)
 
 
-def make_family_model(path: str, family: str, seed: int = 0, vocab: int = 64):
+def make_family_model(path: str, family: str, seed: int = 0, vocab: int = 64, layers: int = 2):
     """A random tiny HF model of ``family``: llama (untied), llama_tied, qwen2 (q/k/v biases),
     qwen3 (QK-norm), qwen3_moe (4 experts, top-2). Larger-than-default weights make outputs peaked and distinguishable."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=0, eos_token_id=1)
     if family in ("llama", "llama_tied"):

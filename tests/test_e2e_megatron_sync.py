@@ -4,7 +4,8 @@ The servers are the real SGLang 0.5.23 (its CPU engine) behind the real sglang-r
 step each server's log-probs for a fixed prompt + completion differ from the trainer's (stale
 weights); after the sync they equal the trainer's recomputed log-probs within 1e-4, and the
 per-sync proof (``WeightProof``: trainer vs server log-probs of a probe) passes. With PP=2 each
-stage sends its own layers (no rank holds the whole model). A sync that permutes one attention
+stage sends its own layers (no rank holds the whole model); with PP=2 x VPP=2 each stage sends
+the layers of both its model chunks (layers 0, 2 and 1, 3). A sync that permutes one attention
 layer's heads on the wire, or leaves one tensor stale, must stop with the proof's message.
 """
 
@@ -48,7 +49,7 @@ def _corrupting(export, corrupt: str | None, heads: int):
 
 
 def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp,
-                   mode="distributed", corrupt=None, disk_dir=None):
+                   mode="distributed", corrupt=None, disk_dir=None, vpp=None):
     import maspo_megatron.weight_publisher as wp
     from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
@@ -59,7 +60,7 @@ def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp,
     from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig
     from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
 
-    parallel = ParallelConfig(tp=tp, pp=pp)
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     initialize_parallel(parallel)
     chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
     load_hf_checkpoint(chunks, model_dir)
@@ -103,7 +104,8 @@ def train_and_sync(rank, world_size, model_dir, server_urls, router_url, tp, pp,
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     model_dir = str(root / "model")
-    make_family_model(model_dir, "qwen2", vocab=40)
+    # Four layers: PP=2 x VPP=2 gives each virtual stage one.
+    make_family_model(model_dir, "qwen2", vocab=40, layers=4)
     servers = sglang_manager(model_dir, 2, str(root))
     router = None
     try:
@@ -127,12 +129,13 @@ def fresh(cluster):
     return cluster
 
 
-@pytest.mark.parametrize("tp, pp, mode", [(2, 1, "distributed"), (1, 2, "distributed"), (2, 1, "disk")],
-                         ids=["tp2", "pp2-one-sender-per-stage", "tp2-disk"])
-def test_megatron_step_then_sync_to_two_real_servers_behind_router(fresh, tmp_path, tp, pp, mode):
+@pytest.mark.parametrize("tp, pp, vpp, mode", [(2, 1, None, "distributed"), (1, 2, None, "distributed"),
+                                               (1, 2, 2, "distributed"), (2, 1, None, "disk")],
+                         ids=["tp2", "pp2-one-sender-per-stage", "pp2-vpp2-every-chunk", "tp2-disk"])
+def test_megatron_step_then_sync_to_two_real_servers_behind_router(fresh, tmp_path, tp, pp, vpp, mode):
     c = fresh
     results = run_distributed(train_and_sync, tp * pp, c["model_dir"], c["servers"].urls, c["router"].url,
-                              tp, pp, mode, None, str(tmp_path / "sync"), timeout=400)
+                              tp, pp, mode, None, str(tmp_path / "sync"), vpp, timeout=400)
     r0 = results[0]
     trained = r0["trained"]
     torch.testing.assert_close(results[1]["trained"], trained, atol=1e-6, rtol=0)

@@ -218,6 +218,9 @@ def test_layout_checks_name_the_problem():
         plan_of("maspo_llama3_70b_fp8", "rollout.sglang_tp=3", rollout_gpus=12)
     with pytest.raises(memory.MemoryPlanError, match="no model description"):
         plan_of("tiny_cpu")
+    with pytest.raises(memory.MemoryPlanError, match=r"cannot plan this recipe: parallel.vpp=2: the activations "
+                                                      r"of the interleaved schedule"):
+        plan_of("maspo_llama3_70b_fp8", "parallel.vpp=2")
 
 
 def test_recipe_defaults_and_cli_output(capsys):

@@ -111,6 +111,22 @@ def test_tp_and_pp_are_checked_against_config_json(assets, tmp_path, capsys, lau
     assert f"parallel.pp=3 does not divide num_hidden_layers=2 of {config}" in line
 
 
+def test_virtual_pipeline_stages_are_checked_before_anything_starts(assets, tmp_path, capsys, launched):
+    config = os.path.join(assets["model"], "config.json")
+    base = [*TRAIN, *_base(assets, tmp_path)]
+    line = _error(capsys, launched, [*base, "parallel.vpp=2"])
+    assert "parallel.vpp=2 needs parallel.pp >= 2" in line
+    line = _error(capsys, launched, [*base, "parallel.pp=2", "parallel.vpp=2"])
+    assert f"parallel.pp * parallel.vpp = 2*2 does not divide num_hidden_layers=2 of {config}" in line
+    assert "vpp values that fit at pp=2: [1]" in line
+    # The interleaved schedule needs >= pp micro-batches: one sequence per rank cannot feed 2 stages.
+    line = _error(capsys, launched, [*TRAIN, "--nproc-per-node", "2", *_base(assets, tmp_path), "parallel.pp=2",
+                                     "parallel.tp=1", "parallel.vpp=1", "prompts_per_step=1", "rollout.n_samples=2",
+                                     "actor.num_mini_batches=2"])
+    assert "parallel.vpp=1: the interleaved schedule needs at least parallel.pp=2 micro-batches, but each " \
+           "data-parallel rank gets 1 sequences per mini-batch" in line
+
+
 def test_process_count_and_rollout_backend_checks(assets, tmp_path, capsys, launched):
     line = _error(capsys, launched, [*TRAIN, "--nproc-per-node", "3", *_base(assets, tmp_path)])
     assert "3 processes (--nproc-per-node, or the GPUs here): world size 3 is not divisible by tp*pp*cp" in line

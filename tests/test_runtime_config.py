@@ -26,6 +26,9 @@ def test_parallel_config_rejects_bad_sizes_when_built():
         ParallelConfig(tp=0)
     with pytest.raises(ValueError, match="parallel.vpp must be None or a positive integer"):
         ParallelConfig(vpp=0)
+    with pytest.raises(ValueError, match=r"parallel.vpp=2 needs parallel.pp >= 2"):
+        ParallelConfig(vpp=2)
+    assert ParallelConfig(pp=2, vpp=2).vpp == 2
 
 
 def test_cpu_mode_refuses_a_visible_gpu(monkeypatch):

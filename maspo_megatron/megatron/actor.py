@@ -341,8 +341,6 @@ class Actor:
         self.spec = model_spec(model_chunks[0])
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism in the actor (CP-aware log-prob slicing) is not implemented")
-        if len(model_chunks) != 1:
-            raise NotImplementedError("virtual pipeline stages (several model chunks per rank) are not implemented")
         config = self.spec.transformer_config
         self.pack = self.spec.use_te if cfg.pack_sequences is None else cfg.pack_sequences
         if self.pack and not self.spec.use_te:
@@ -362,7 +360,21 @@ class Actor:
         self.dp_rank = ps.get_data_parallel_rank()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
-        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.is_last_stage = ps.is_pipeline_last_stage()  # of this rank; its chunks: spec.post_process
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        # Virtual pipeline stages: megatron's interleaved 1F1B schedule, one chunk per stage.
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        self.interleaved = vpp is not None and self.pp_size > 1
+        if len(model_chunks) != (vpp if self.interleaved else 1):
+            raise ValueError(f"{len(model_chunks)} model chunks on this rank, but the parallel state has "
+                             f"{vpp or 1} virtual pipeline stage(s) (build them with build_model)")
+        if self.interleaved:
+            from maspo_megatron.megatron.interleaved import use_interleaved_p2p
+
+            use_interleaved_p2p(config)
+        if self.interleaved and replay_routers(model_chunks):
+            raise NotImplementedError("routing replay with virtual pipeline stages (parallel.vpp): its "
+                                      "backward hooks assume one model chunk per pipeline rank")
         self.optimizer = self.scheduler = None
         # Routing replay: on when the model was built with moe_enable_routing_replay.
         self.replay = RoutingReplay(model_chunks, num_layers=config.num_layers, topk=config.moe_router_topk,
@@ -516,9 +528,18 @@ class Actor:
 
             return output, partial(replayed_loss, micro)
 
+        data = iter(micro_batches)
+        if self.interleaved:
+            from maspo_megatron.megatron import interleaved
+
+            # Each chunk walks the micro-batches in order, from its own iterator.
+            data = [iter(micro_batches) for _ in self.model]
+            config = self.spec.transformer_config
+            config.microbatch_group_size_per_vp_stage = interleaved.interleave_group_size(
+                len(micro_batches), self.pp_size)
         try:
             return get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
+                forward_step_func=forward_step, data_iterator=data, model=self.model,
                 num_microbatches=len(micro_batches),
                 seq_length=max(self._model_inputs(m)[0].shape[1] for m in micro_batches),
                 micro_batch_size=max(self._model_inputs(m)[0].shape[0] for m in micro_batches),
@@ -545,9 +566,14 @@ class Actor:
         if replay:
             self.replay.check(batch.routed_experts, tuple(batch.input_ids.shape))
         dev = device()
+        packed = pack_micro_batches(index, batch.lengths, self.cfg.micro_batch_tokens,
+                                    padded=not self.pack)
+        if self.interleaved:
+            from maspo_megatron.megatron.interleaved import split_to_count
+
+            packed = split_to_count(packed, self.pp_size)
         micro = []
-        for rows in pack_micro_batches(index, batch.lengths, self.cfg.micro_batch_tokens,
-                                       padded=not self.pack):
+        for rows in packed:
             m = {k: v.to(dev) for k, v in batch.select(rows).items()}
             if replay:
                 fill_unrouted(m["routed_experts"], batch.lengths[rows].to(dev))

@@ -613,8 +613,9 @@ def load_checkpoint(
 ) -> dict:
     """Loads a checkpoint saved by ``save_checkpoint`` into the given objects. Collective.
 
-    The model loads under any TP/PP/DP layout. The optimizer loads under any layout when saved
-    ``"fully_reshardable"``, and with the same TP/PP when saved ``"dp_reshardable"``. RNG states
+    The model loads under any TP/PP/DP layout, virtual pipeline stages included. The optimizer
+    loads under any layout when saved ``"fully_reshardable"``, and with the same TP, PP and
+    model chunks per rank when saved ``"dp_reshardable"``. RNG states
     are restored only under the saving layout and device type (else left alone, logged).
 
     Args:
@@ -721,12 +722,17 @@ def _load_step(ckpt_dir: Path, step: int, model_chunks, optimizer, opt_param_sch
         raise CheckpointError(f"checkpoint {path} holds no optimizer-parameter scheduler state")
     sharding = saved["optimizer_sharding"]
     if optimizer is not None and sharding == "dp_reshardable":
-        for dim in ("tensor_parallel", "pipeline_parallel"):
-            if saved["layout"][dim] != layout[dim]:
+        # Its buckets follow each model chunk's parameters: virtual stages change them too.
+        before = {**saved["layout"], "model_chunks": saved["model_chunks"]}
+        now = {"tensor_parallel": layout["tensor_parallel"], "pipeline_parallel": layout["pipeline_parallel"],
+               "model_chunks": len(chunks)}
+        for dim, value in now.items():
+            if before[dim] != value:
                 raise CheckpointError(
                     f"checkpoint {path}: optimizer state saved 'dp_reshardable' at {dim}="
-                    f"{saved['layout'][dim]} cannot load at {dim}={layout[dim]}; load with "
-                    "optimizer=None, or save with optimizer_sharding='fully_reshardable'"
+                    f"{before[dim]} cannot load at {dim}={value}"
+                    + (" (model chunks per rank: parallel.vpp)" if dim == "model_chunks" else "")
+                    + "; load with optimizer=None, or save with optimizer_sharding='fully_reshardable'"
                 )
     same_rng_layout = saved["layout"] == layout
     state = _sharded_state(

@@ -8,7 +8,8 @@ checkpoint fails identically on all ranks instead of leaving some of them blocke
 collective.
 
 Export (:func:`export_hf`): a generator of ``(hf_name, tensor)`` for the layers of this rank's
-pipeline stage, named with their *global* layer indices (``model.layers.<global>.``). Each
+pipeline stage (all its model chunks, with virtual pipeline stages: chunk by chunk), named with
+their *global* layer indices (``model.layers.<global>.``). Each
 tensor is all-gathered over the TP group just before it is yielded, so at most one full tensor
 is alive at a time; every TP rank of the stage must iterate the generator in lockstep and gets
 the same full tensors. Nothing is exchanged between pipeline stages: to cover the whole model,
@@ -415,19 +416,22 @@ def save_hf(model, out_dir: str | os.PathLike, hf_config=None, tokenizer_dir: st
 
     written: list[tuple[str, list[str], int]] = []  # (temp file, tensor names, bytes)
     stage = ps.get_pipeline_model_parallel_rank()
-    for part, bucket in enumerate(bucket_named_tensors(export_hf(chunks, dtype=dtype, owned=True), max_shard_bytes)):
-        from safetensors.torch import save_file
+    # Virtual stage v of pipeline stage s holds layer block v * pp + s: files per chunk.
+    for vp, chunk in enumerate(chunks):
+        for part, bucket in enumerate(bucket_named_tensors(export_hf([chunk], dtype=dtype, owned=True),
+                                                           max_shard_bytes)):
+            from safetensors.torch import save_file
 
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in bucket}
-        # Several writers per stage with experts: the world rank keeps their names apart.
-        temp = f".stage{stage:04d}-rank{world_rank:06d}-part{part:05d}.safetensors"
-        save_file(tensors, os.path.join(out_dir, temp), metadata={"format": "pt"})
-        written.append((temp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
+            tensors = {n: t.detach().to("cpu").contiguous() for n, t in bucket}
+            # Several writers per stage with experts: the world rank keeps their names apart.
+            temp = f".vp{vp:03d}-stage{stage:04d}-rank{world_rank:06d}-part{part:05d}.safetensors"
+            save_file(tensors, os.path.join(out_dir, temp), metadata={"format": "pt"})
+            written.append((temp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, written)
     if world_rank == 0:
         files = sorted((f for rank_files in gathered for f in rank_files), key=lambda f: f[0])
-        # Sorted by temp name = stage-major, then writer, then part: HF's order of layers.
+        # Sorted by temp name = virtual stage, stage, writer, part: HF's order of layers.
         _finalize(out_dir, files, hf_config, tokenizer_dir, dtype or spec.transformer_config.params_dtype)
     dist.barrier()
 

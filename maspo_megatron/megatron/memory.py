@@ -612,6 +612,11 @@ def plan_memory(cfg, hf_config: Any, *, train_gpus: int, rollout_gpus: int | Non
     """
     from maspo_megatron.megatron.families import get_family
 
+    if cfg.parallel.vpp:
+        # Interleaving keeps (pp - stage - 1) * 2 + (vpp - 1) * group micro-batches in flight.
+        raise NotImplementedError(f"parallel.vpp={cfg.parallel.vpp}: the activations of the interleaved "
+                                  "schedule (virtual pipeline stages) are not modelled by the memory plan")
+
     p = cfg.parallel
     dp = p.validate(train_gpus)
     hf = hf_config_from(hf_config)

@@ -31,6 +31,7 @@ checkpoint's parameters to the rotary module's frequencies, so every Llama-3.x v
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -56,9 +57,10 @@ class ModelSpec:
     """The real (HF) vocabulary size: logits at ids >= this are padding."""
     padded_vocab_size: int
     pre_process: bool
-    """This rank's chunk holds the embedding (first pipeline stage)."""
+    """This chunk holds the embedding (first pipeline stage; its first virtual stage)."""
     post_process: bool
-    """This rank's chunk holds the final norm and output layer (last pipeline stage)."""
+    """This chunk holds the final norm and output layer (last pipeline stage; its last virtual
+    stage)."""
 
 
 def load_hf_config(hf_config_or_path: Any):
@@ -110,15 +112,18 @@ def make_model_spec(
     if arch.moe is None and stray:
         raise ValueError(f"{stray} set for {family.name}, which is not a mixture-of-experts model "
                          "(model.moe_aux_loss_coeff / model.transformer_overrides)")
-    if getattr(parallel, "vpp", None):
-        raise NotImplementedError("virtual pipeline stages (parallel.vpp) are not supported by build_model")
-    actual = (parallel_state.get_tensor_model_parallel_world_size(),
-              parallel_state.get_pipeline_model_parallel_world_size())
-    if actual != (parallel.tp, parallel.pp):
-        raise ValueError(f"parallel config tp={parallel.tp}, pp={parallel.pp} does not match the "
-                         f"initialised parallel state tp={actual[0]}, pp={actual[1]}")
+    vpp = getattr(parallel, "vpp", None)
     if arch.num_layers % parallel.pp:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pp={parallel.pp}")
+    if vpp and arch.num_layers % (parallel.pp * vpp):
+        raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by parallel.pp * parallel.vpp = "
+                         f"{parallel.pp}*{vpp} (every virtual pipeline stage holds as many layers)")
+    actual = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    if actual != (parallel.tp, parallel.pp, vpp):
+        raise ValueError(f"parallel config tp={parallel.tp}, pp={parallel.pp}, vpp={vpp} does not match the "
+                         f"initialised parallel state tp={actual[0]}, pp={actual[1]}, vpp={actual[2]}")
     if arch.num_attention_heads % parallel.tp:
         raise ValueError(f"config.json num_attention_heads={arch.num_attention_heads} is not divisible "
                          f"by tp={parallel.tp}")
@@ -142,6 +147,7 @@ def make_model_spec(
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=getattr(parallel, "cp", 1),
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -200,38 +206,53 @@ def build_model(
 ) -> list:
     """Builds this rank's model chunk(s) (randomly initialised; load weights with ``convert``).
 
-    Needs megatron's parallel state initialised (``runtime.initialize_parallel``). Returns a
-    list with one ``GPTModel`` (the list is what megatron's pipeline schedules take; virtual
-    stages are not supported). ``pre_process``/``post_process`` follow this rank's pipeline
-    stage. ``dtype`` is the parameter dtype: bf16 in production, fp32 for exact CPU tests. Each
-    chunk carries its :class:`ModelSpec` (see :func:`model_spec`). The logits are vocab-parallel
-    (``parallel_output=True``): ``[batch, seq, padded_vocab_size / tp]`` per TP rank.
+    Needs megatron's parallel state initialised (``runtime.initialize_parallel``). Returns the
+    list of ``GPTModel`` chunks megatron's pipeline schedules take: one, or ``parallel.vpp`` with
+    virtual pipeline stages (interleaved 1F1B). Chunk ``v`` of pipeline rank ``r`` holds the
+    ``(v * pp + r)``-th block of ``num_layers / (pp * vpp)`` layers (megatron's interleaving, its
+    layer numbers carry that offset); the embedding lives on the first chunk of the first rank,
+    the final norm and output layer on the last chunk of the last rank. ``dtype`` is the
+    parameter dtype: bf16 in production, fp32 for exact CPU tests. Each chunk carries its
+    :class:`ModelSpec` (see :func:`model_spec`; ``pre_process``/``post_process`` are the
+    chunk's). The logits are vocab-parallel (``parallel_output=True``): ``[batch, seq,
+    padded_vocab_size / tp]`` per TP rank.
     """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     spec = make_model_spec(hf_config_or_path, parallel, dtype=dtype, use_te=use_te,
                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                            config_overrides=config_overrides)
     arch = spec.arch
-    model = GPTModel(
-        config=spec.transformer_config,
-        transformer_layer_spec=spec.family.layer_spec(arch, spec.use_te),
-        vocab_size=spec.padded_vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=spec.pre_process,
-        post_process=spec.post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        **_rope_kwargs(arch),
-    )
-    if arch.rope.kind == "llama3":
-        _apply_llama3_scaling(model, arch)
-    # The local spec's torch norms ignore params_dtype; keep the whole chunk in one dtype.
-    model.to(dtype=dtype)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    model.maspo_spec = spec
-    return [model]
+    vpp = getattr(parallel, "vpp", None)
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        chunk_spec = dataclasses.replace(
+            spec,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        )
+        model = GPTModel(
+            config=spec.transformer_config,
+            transformer_layer_spec=spec.family.layer_spec(arch, spec.use_te),
+            vocab_size=spec.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=chunk_spec.pre_process,
+            post_process=chunk_spec.post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            vp_stage=vp_stage,
+            **_rope_kwargs(arch),
+        )
+        if arch.rope.kind == "llama3":
+            _apply_llama3_scaling(model, arch)
+        # The local spec's torch norms ignore params_dtype; keep the whole chunk in one dtype.
+        model.to(dtype=dtype)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        model.maspo_spec = chunk_spec
+        chunks.append(model)
+    return chunks
 
 
 def unwrap_model(model):

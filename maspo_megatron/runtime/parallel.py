@@ -26,7 +26,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (splits layers into stages)."""
     vpp: int | None = None
-    """Virtual pipeline stages per rank (interleaved schedule); None for the plain 1F1B."""
+    """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved 1F1B
+    schedule; None for the plain 1F1B. Needs ``pp >= 2`` and ``num_hidden_layers`` divisible by
+    ``pp * vpp``; each data-parallel rank then needs at least ``pp`` sequences per mini-batch."""
     cp: int = 1
     """Context-parallel size (splits long sequences)."""
     ep: int = 1
@@ -44,6 +46,10 @@ class ParallelConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"parallel.{key} must be None or a positive integer, got {value!r}")
+        if self.vpp is not None and self.pp < 2:
+            # megatron-core builds every layer into each chunk when pp == 1.
+            raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (virtual stages interleave "
+                             f"pipeline stages), got parallel.pp={self.pp}; leave parallel.vpp None")
         if not self.timeout_minutes > 0:
             raise ValueError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
 
