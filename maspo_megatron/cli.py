@@ -74,7 +74,6 @@ def _bind_to_launcher() -> None:
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
-    import subprocess
 
     from maspo_megatron.rollout.servers import free_port
 

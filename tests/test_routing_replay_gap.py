@@ -17,7 +17,6 @@ same way.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest

@@ -11,6 +11,7 @@ that the whole run used implemented ops only. The unit tests at the end need no 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import json
 import math
@@ -110,14 +111,15 @@ class Server:
     server_log: str
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sglang_real")
-    model_dir = str(root / "model")
-    model = _build_model(model_dir)
-    shim_log, server_log = str(root / "sgl_kernel_ops.jsonl"), str(root / "server.log")
+@contextlib.contextmanager
+def cpu_server(model_dir: str, log_dir: str, *, dtype: str = "float32", max_total_tokens: int = 2048,
+               extra_args: list[str] | None = None):
+    """A real SGLang CPU server for ``model_dir``, the stand-in on its PYTHONPATH logging the ops
+    it is asked for; yields ``(url, shim_log, server_log)``; the process group is reaped on exit."""
+    shim_log, server_log = os.path.join(log_dir, "sgl_kernel_ops.jsonl"), os.path.join(log_dir, "server.log")
     port = free_port()
-    spec = ServerSpec(model_path=model_dir, device="cpu", dtype="float32", max_total_tokens=2048)
+    spec = ServerSpec(model_path=model_dir, device="cpu", dtype=dtype, max_total_tokens=max_total_tokens,
+                      extra_args=list(extra_args or []))
     cmd, env = server_command(spec, port, "127.0.0.1")
     assert env.get("PYTHONPATH", "").split(os.pathsep)[0] == cpu_shim.SHIM_DIR, \
         "this test is about the stand-in: it must be on the server's PYTHONPATH"
@@ -133,9 +135,18 @@ def server(tmp_path_factory):
                 pytest.fail(f"SGLang not healthy after {STARTUP_TIMEOUT_S}s:\n{proc.log_tail(60)}")
             time.sleep(0.5)
         print(f"SGLang CPU server healthy after {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield Server(url, model, shim_log, server_log)
+        yield url, shim_log, server_log
     finally:
         _stop_and_reap(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sglang_real")
+    model_dir = str(root / "model")
+    model = _build_model(model_dir)
+    with cpu_server(model_dir, str(root)) as (url, shim_log, server_log):
+        yield Server(url, model, shim_log, server_log)
 
 
 def _check_logprob_entries(entries, output_ids):

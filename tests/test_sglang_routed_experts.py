@@ -13,18 +13,15 @@ import contextlib
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
 
-from maspo_megatron.rollout.backend import SamplingParams, ServerSpec
+from maspo_megatron.rollout.backend import SamplingParams
 from maspo_megatron.rollout.client import RolloutClient, RolloutRequest
 from maspo_megatron.rollout.sglang import BACKEND, cpu_shim, wire
-from maspo_megatron.rollout.sglang.server import server_command
-from maspo_megatron.rollout.servers import ManagedProcess, free_port, http_ok
 
-from test_sglang_real import STARTUP_TIMEOUT_S, _stop_and_reap
+from test_sglang_real import cpu_server as real_cpu_server
 
 LAYERS, EXPERTS, TOPK = 2, 4, 2
 
@@ -58,28 +55,10 @@ def hf_routes(model, ids: list[int]) -> torch.Tensor:
 @contextlib.contextmanager
 def cpu_server(model_dir: str, log_dir: str, *, dtype: str = "float32", routes: bool = True):
     """A real SGLang CPU server for ``model_dir`` (with routed experts when ``routes``); yields
-    ``(url, shim_log)``; the whole process group is reaped on exit."""
-    shim_log, server_log = os.path.join(log_dir, "shim.jsonl"), os.path.join(log_dir, "server.log")
-    spec = ServerSpec(model_path=model_dir, device="cpu", dtype=dtype, max_total_tokens=4096,
-                      extra_args=BACKEND.routing_replay_args() if routes else [])
-    port = free_port()
-    cmd, env = server_command(spec, port, "127.0.0.1")
-    assert env.get("PYTHONPATH", "").split(os.pathsep)[0] == cpu_shim.SHIM_DIR
-    url = f"http://127.0.0.1:{port}"
-    proc = ManagedProcess(cmd, url, server_log, {**os.environ, **env, cpu_shim.LOG_ENV: shim_log})
-    t0 = time.monotonic()
-    proc.start()
-    try:
-        while not http_ok(url + "/health", timeout_s=5.0):
-            if not proc.alive:
-                pytest.fail(f"SGLang exited during start-up:\n{proc.log_tail(60)}")
-            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-                pytest.fail(f"SGLang not healthy after {STARTUP_TIMEOUT_S}s:\n{proc.log_tail(60)}")
-            time.sleep(0.5)
-        print(f"SGLang CPU server healthy after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    ``(url, shim_log)``."""
+    with real_cpu_server(model_dir, log_dir, dtype=dtype, max_total_tokens=4096,
+                         extra_args=BACKEND.routing_replay_args() if routes else []) as (url, shim_log, _):
         yield url, shim_log
-    finally:
-        _stop_and_reap(proc)
 
 
 @pytest.fixture(scope="module")

@@ -270,6 +270,7 @@ def _layout() -> dict[str, Any]:
         "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
         "data_parallel": ps.get_data_parallel_world_size(with_context_parallel=True),
+        "expert_parallel": ps.get_expert_model_parallel_world_size(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 
@@ -714,8 +715,16 @@ def _load_step(ckpt_dir: Path, step: int, model_chunks, optimizer, opt_param_sch
     if problem is not None:
         raise CheckpointError(f"checkpoint step {step} is incomplete or corrupt: {problem}")
     saved = read_trainer_state(path)
+    saved["layout"] = {"expert_parallel": 1, **saved["layout"]}  # saved before the key existed
     chunks = _as_chunks(model_chunks)
     layout = _layout()
+    if optimizer is not None and saved["layout"]["expert_parallel"] != layout["expert_parallel"]:
+        # megatron's distributed optimizer shards expert parameters over the expert-data-parallel
+        # group, whose layout changes with EP: its state does not reshard (fails inside megatron).
+        raise CheckpointError(
+            f"checkpoint {path}: optimizer state saved at expert_parallel="
+            f"{saved['layout']['expert_parallel']} cannot load at parallel.ep={layout['expert_parallel']}; "
+            "resume at the saving parallel.ep, or load weights only (optimizer=None)")
     if optimizer is not None and not saved["has_optimizer"]:
         raise CheckpointError(f"checkpoint {path} holds no optimizer state (saved with optimizer=None)")
     if opt_param_scheduler is not None and not saved["has_opt_param_scheduler"]:
