@@ -63,11 +63,11 @@ def _batch(n=13, max_len=37, seed=0) -> SequenceBatch:
                          advantages=torch.randn(n, generator=g), old_logprobs=-torch.rand(n, max_len, generator=g))
 
 
-def _stand_in(*, pack: bool, fp8: bool, sp: bool, tp: int, dp_size: int = 1, dp_rank: int = 0):
-    """What ``Actor._micro_batches`` reads, with a TransformerConfig-like FP8 setting (a real one
-    with fp8 set needs TE)."""
+def _stand_in(*, pack: bool, fp8: bool, sp: bool, tp: int):
+    """What ``Actor._micro_batches`` reads (a rank's share, one model chunk), with a
+    TransformerConfig-like FP8 setting (a real one with fp8 set needs TE)."""
     return SimpleNamespace(
-        cfg=ActorConfig(micro_batch_tokens=120), pack=pack, dp_size=dp_size, dp_rank=dp_rank,
+        cfg=ActorConfig(micro_batch_tokens=120), pack=pack, interleaved=False, pp_size=1,
         token_multiple=token_multiple(fp8=fp8, sequence_parallel=sp, tp=tp), replay=None,
     )
 
@@ -76,9 +76,9 @@ def _stand_in(*, pack: bool, fp8: bool, sp: bool, tp: int, dp_size: int = 1, dp_
 @pytest.mark.parametrize("sp, tp", [(False, 1), (True, 2), (True, 8)])
 def test_fp8_micro_batches_have_token_counts_te_accepts(pack, sp, tp):
     batch = _batch()
-    for dp_rank in range(2):
-        actor = _stand_in(pack=pack, fp8=True, sp=sp, tp=tp, dp_size=2, dp_rank=dp_rank)
-        micro = Actor._micro_batches(actor, batch, torch.arange(len(batch)))
+    for index in (torch.arange(len(batch)), torch.arange(len(batch))[1::2]):
+        actor = _stand_in(pack=pack, fp8=True, sp=sp, tp=tp)
+        micro = Actor._micro_batches(actor, batch, index)
         assert len(micro) > 1
         for m in micro:
             ids = m["packed"].input_ids if pack else m["input_ids"]

@@ -192,7 +192,7 @@ def test_layout_on_disk(saved):
     state = json.loads((full / "iter_0000002" / "trainer_state.json").read_text())
     assert state["step"] == K and state["extra_state"] == EXTRA
     assert state["layout"] == {
-        "tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 1, "device": "cpu"
+        "tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 1, "expert_parallel": 1, "device": "cpu"
     }
 
 
