@@ -59,3 +59,45 @@ def hf_logprobs(model, ids, temperature: float = 1.0) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=x).logits[0].float() / temperature
     return torch.log_softmax(logits[:-1], -1).gather(1, x[0, 1:, None])[:, 0]
+
+
+PROBE_IDS = [3, 17, 9, 42, 5, 11, 30, 2, 57, 8]
+
+
+def step_sync_and_prove(model_dir: str, url: str, parallel, version: int) -> dict:
+    """Inside a ``run_distributed`` worker: builds the model of ``model_dir`` at ``parallel``,
+    trains one MASPO step on :data:`PROBE_IDS`, syncs it into the server at ``url`` and proves
+    it. Returns ``actor``, the step's ``metrics``, the ``proof`` result and the ``trained``
+    model's log-probs of ``PROBE_IDS[1:]`` (temperature 1, to hold against the server or HF).
+    The caller tears the parallel state down."""
+    from maspo_megatron.algo.objective import Objective
+    from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
+    from maspo_megatron.megatron.convert import load_hf_checkpoint
+    from maspo_megatron.megatron.model import build_model
+    from maspo_megatron.rollout.client import RolloutClient
+    from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig
+    from maspo_megatron.runtime import initialize_parallel
+    from maspo_megatron.weight_publisher import WeightProof, WeightPublisher
+
+    initialize_parallel(parallel)
+    chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
+    load_hf_checkpoint(chunks, model_dir)
+    cfg = ActorConfig(optimizer=OptimizerConfig(lr=3e-2))
+    actor = Actor(chunks, cfg, objective=Objective(cfg))
+    ids = torch.tensor([PROBE_IDS] * 2)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 4:] = True
+    batch = SequenceBatch(input_ids=ids, lengths=torch.full((2,), ids.shape[1]), response_mask=mask,
+                          advantages=torch.tensor([1.0, -1.0]))
+    batch.old_logprobs, _ = actor.compute_logprobs(batch)
+    metrics = actor.train_step(batch)
+    publisher = WeightPublisher([url], WeightSyncConfig(bucket_bytes=16 << 10))
+    publisher.publish(actor.model, version=version)
+    proof = WeightProof(ProofConfig(), actor.spec.vocab_size, actor.dp_size, atol=1e-4)
+    result = proof.check(actor, RolloutClient([url]), [url], version)
+    publisher.close()
+    every = torch.ones_like(mask)
+    every[:, 0] = False  # every token but the first, which nothing predicts
+    trained, _ = actor.compute_logprobs(
+        SequenceBatch(input_ids=ids, lengths=batch.lengths, response_mask=every), temperature=1.0)
+    return {"actor": actor, "metrics": metrics, "proof": result, "trained": trained[0, 1:]}

@@ -11,48 +11,21 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from sglang_servers import hf_logprobs, make_family_model, sglang_manager
+from sglang_servers import PROBE_IDS, hf_logprobs, make_family_model, sglang_manager, step_sync_and_prove
 
 pytestmark = pytest.mark.slow
 
-IDS = [3, 17, 9, 42, 5, 11, 30, 2, 57, 8]
+IDS = PROBE_IDS
 
 
 def step_sync_prove(rank, world_size, model_dir, url):
-    from maspo_megatron.algo.objective import Objective
-    from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
-    from maspo_megatron.megatron.convert import export_hf, load_hf_checkpoint
-    from maspo_megatron.megatron.model import build_model
-    from maspo_megatron.rollout.client import RolloutClient
-    from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig
-    from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
-    from maspo_megatron.weight_publisher import WeightProof, WeightPublisher
+    from maspo_megatron.megatron.convert import export_hf
+    from maspo_megatron.runtime import ParallelConfig, destroy_parallel
 
-    parallel = ParallelConfig()
-    initialize_parallel(parallel)
-    chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
-    load_hf_checkpoint(chunks, model_dir)
-    cfg = ActorConfig(optimizer=OptimizerConfig(lr=3e-2))
-    actor = Actor(chunks, cfg, objective=Objective(cfg))
-    ids = torch.tensor([IDS] * 2)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, 4:] = True
-    batch = SequenceBatch(input_ids=ids, lengths=torch.full((2,), ids.shape[1]), response_mask=mask,
-                          advantages=torch.tensor([1.0, -1.0]))
-    batch.old_logprobs, _ = actor.compute_logprobs(batch)
-    actor.train_step(batch)
-    publisher = WeightPublisher([url], WeightSyncConfig(bucket_bytes=16 << 10))
-    publisher.publish(actor.model, version=1)
-    proof = WeightProof(ProofConfig(), actor.spec.vocab_size, actor.dp_size, atol=1e-4)
-    result = proof.check(actor, RolloutClient([url]), [url], 1)
-    publisher.close()
-    every = torch.ones_like(mask)
-    every[:, 0] = False  # every token but the first, which nothing predicts
-    trained, _ = actor.compute_logprobs(
-        SequenceBatch(input_ids=ids, lengths=batch.lengths, response_mask=every), temperature=1.0)
-    exported = {k: v.clone() for k, v in export_hf(actor.model)}
+    out = step_sync_and_prove(model_dir, url, ParallelConfig(), version=1)
+    exported = {k: v.clone() for k, v in export_hf(out["actor"].model)}
     destroy_parallel()
-    return {"proof": result, "trained": trained[0, 1:], "exported": exported}
+    return {"proof": out["proof"], "trained": out["trained"], "exported": exported}
 
 
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen3"])
