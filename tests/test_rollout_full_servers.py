@@ -56,8 +56,16 @@ def _decode_lines(log: str, since: int) -> list[tuple[int, int]]:
 
 
 def _offset(log: str) -> int:
-    with open(log, "rb") as f:
-        return f.seek(0, 2)
+    """The log's end once the server has stopped writing (its last decode lines of an earlier
+    rollout can land after that rollout returned)."""
+    size = -1
+    while True:
+        with open(log, "rb") as f:
+            now = f.seek(0, 2)
+        if now == size:
+            return now
+        size = now
+        time.sleep(1.0)
 
 
 def test_client_keeps_the_server_at_the_limit_it_reads_from_server_info(server):
@@ -100,18 +108,19 @@ def test_until_ends_the_rollout_and_the_server_aborts_the_rest(server):
     client = RolloutClient([url], RolloutClientConfig(max_concurrency=64))
     done = []
     t0 = time.monotonic()
-    # 8 waves of 240 tokens: on an idle machine the requests left would decode for ~10 s more, so
-    # a server that finished them instead of aborting them is still busy in the window below.
-    samples = client.run(_requests(8 * LIMIT, 240), until=lambda s: done.append(s) or len(done) == 2)
+    # 30 waves of 240 tokens: on an idle machine (~500 decode steps/s) the requests left would
+    # decode for ~14 s more, so a server that finished them instead of aborting them is still
+    # busy in the window below.
+    samples = client.run(_requests(30 * LIMIT, 240), until=lambda s: done.append(s) or len(done) == 2)
     took = time.monotonic() - t0
     assert len(samples) == 2 and all(len(s.output_ids) == 240 for s in samples)
     assert client._inflight[url] == 0
     # SGLang notices a closed connection within seconds (its disconnect check) and aborts the
-    # request: the server falls idle long before the other 22 requests' 7 more waves would end.
+    # request: the server falls idle long before the other 88 requests' 29 more waves would end.
     time.sleep(8.0)
     since = _offset(log)
     time.sleep(4.0)
     assert _decode_lines(log, since) == [], "the server kept decoding requests that were cancelled"
     with open(log, errors="replace") as f:
         assert "disconnected from the client side" in f.read()
-    print(f"FULL abort: 2 of {8 * LIMIT} samples in {took:.1f}s, then the server idle")
+    print(f"FULL abort: 2 of {30 * LIMIT} samples in {took:.1f}s, then the server idle")
