@@ -74,20 +74,14 @@ def shared_servers(tmp_path_factory):
         engine.close()
 
 
-def _build_or_xfail(name):
+def _build(name):
     module = recipe_module(name)
-    try:
-        return module, module.build()
-    except NotImplementedError as e:
-        # Only a documented refusal counts: the recipe says so, and says why.
-        assert "NotImplementedError" in (module.__doc__ or ""), f"{name} raises NotImplementedError undocumented: {e}"
-        assert str(e), f"{name} raises NotImplementedError without a reason"
-        pytest.xfail(f"{name}: {e}")
+    return module, module.build()
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_the_shrink_changes_only_size_layout_batch_and_precision(name, tmp_path):
-    module, cfg = _build_or_xfail(name)
+    module, cfg = _build(name)
     small, procs = shrink(cfg, model_path="m", train_path="t", output_dir=str(tmp_path))
     changed = config_changes(cfg, small)
     assert not [k for k in changed if not may_shrink(k)], changed
@@ -118,7 +112,7 @@ def test_moe_toy_keeps_expert_parallelism_and_routing(name, tmp_path):
     TP 1 on 2-4 processes that megatron's expert grid accepts; HF builds the toy model."""
     from maspo_megatron.toy import TOY_EXPERTS, make_toy_model, toy_hf_config, toy_layout
 
-    module, cfg = _build_or_xfail(name)
+    module, cfg = _build(name)
     hf = module.HF_CONFIG
     small, procs = shrink(cfg, model_path="m", train_path="t", output_dir=str(tmp_path))
     p = small.parallel
@@ -159,7 +153,7 @@ def test_recipes_run_elsewhere_are_run_there():
 def test_recipe_runs_two_steps_at_toy_scale(name, assets_dir, shared_servers, tmp_path):
     if name in RUN_ELSEWHERE:
         pytest.skip(f"{name} runs through the trainer in tests/{RUN_ELSEWHERE[name][0]}")
-    module, cfg = _build_or_xfail(name)
+    module, cfg = _build(name)
     paths = toy_assets(module, cfg, assets_dir)
     run_dir = str(tmp_path / "run")
     kwargs = dict(model_path=paths["model"], train_path=paths["train"], output_dir=run_dir)
