@@ -102,6 +102,22 @@ def test_parse_generate_response_checks_fields_and_token_alignment():
         parse_generate_response(ok, 2, True)
 
 
+def test_score_reads_prompt_logprobs_and_ignores_the_next_token_sglang_may_add():
+    # The body SGLang 0.5.23 answered a score request (max_new_tokens=0) with in the one_step_off
+    # abort run: no output ids, yet one output log-prob (the token it would sample next).
+    body = {"output_ids": [], "meta_info": {
+        "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": 3, "completion_tokens": 0,
+        "output_token_logprobs": [[-2.82, 7, None]],
+        "input_token_logprobs": [[None, 4, None], [-1.5, 9, None], [-0.25, 2, None]]}}
+    assert BACKEND.parse_score([body], [3]) == [[-1.5, -0.25]]
+    with pytest.raises(ProtocolError, match="1 entries for 0 tokens"):
+        parse_generate_response(body, 1, True)
+    short = json.loads(json.dumps(body))
+    short["meta_info"]["input_token_logprobs"] = short["meta_info"]["input_token_logprobs"][:2]
+    with pytest.raises(ProtocolError, match="2 input_token_logprobs for 3 tokens"):
+        BACKEND.parse_score([short], [3])
+
+
 def test_weight_version_spans_become_per_token_versions():
     # SGLang 0.5.23 records the spans when /update_weight_version lands during a request.
     body = {"output_ids": [5, 6, 7], "meta_info": {

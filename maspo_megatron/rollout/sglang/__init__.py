@@ -169,7 +169,9 @@ class SGLangBackend(RolloutBackend):
 
     def parse_score(self, body, lengths: Sequence[int]) -> list[list[float]]:
         out = []
-        for i, (o, n) in enumerate(zip(wire.parse_generate_response(body, len(lengths), True), lengths)):
+        # Output log-probs are not read: with max_new_tokens=0 SGLang may still return one (the
+        # token it would have sampled next) for an empty output_ids.
+        for i, (o, n) in enumerate(zip(wire.parse_generate_response(body, len(lengths), False), lengths)):
             values = o.input_logprobs or []
             if len(values) != n:
                 raise wire.ProtocolError(f"sequence {i}: {len(values)} input_token_logprobs for {n} tokens")

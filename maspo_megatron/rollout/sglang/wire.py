@@ -84,6 +84,8 @@ def parse_logprob_triples(items: Any, where: str, token_ids: Sequence[int] | Non
     for j, item in enumerate(items):
         if not isinstance(item, (list, tuple)) or len(item) < 2:
             raise ProtocolError(f"{where}[{j}]: expected [logprob, token_id, text], got {clip(item)}")
+        if token_ids is not None and j >= len(token_ids):
+            raise ProtocolError(f"{where}: {len(items)} entries for {len(token_ids)} tokens: {clip(items)}")
         if token_ids is not None and item[1] != token_ids[j]:
             raise ProtocolError(f"{where}[{j}]: token id {item[1]} does not match the token at that "
                                 f"position ({token_ids[j]})")
@@ -120,7 +122,7 @@ def parse_generate_response(body: Any, expected: int, want_logprobs: bool,
                 raise ProtocolError(f"{where}: {len(logprobs)} output_token_logprobs for "
                                     f"{len(output_ids)} output_ids")
         input_lp = None
-        if want_logprobs and meta.get("input_token_logprobs"):
+        if meta.get("input_token_logprobs"):
             input_lp = parse_logprob_triples(meta["input_token_logprobs"], where + ".meta_info.input_token_logprobs")
         routed = None
         if routes is not None and finish["type"] != "abort":
