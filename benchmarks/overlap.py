@@ -22,11 +22,12 @@ mean of this and the next step's) -- the same prompts and seeds, so the same tok
 while the trainer waits -- and train the step's own log-prob + train time. The target for
 one_step_off is <= 1.1; without partial rollouts its floor is (rollout + sync) / rollout, since
 no request may be in flight during the sync. The server's own counters give the running batch
-it kept (time-weighted mean while busy, peak) against its limit, which the client reads from ``/server_info``
-(``rollout.client.read_server_limits``); overrun is the share of decode steps whose real CPU
-compute outlasted the modelled time (there the server was slower than the model); host the share
-of the server's busy time spent computing on the host (the rest is modelled time slept); retries the
-median per step of requests the client sent again (aborted by a sync, or rejected).
+it kept (time-weighted mean while busy, peak) against its limit, which the client reads from
+``/server_info`` (``rollout.client.read_server_limits``); overrun is the share of decode steps
+whose real CPU compute outlasted the modelled time (there the server was slower than the model);
+host the share of the server's busy time spent computing on the host (the rest is modelled time
+slept); retries the median per step of requests the client sent again (aborted by a sync, or
+rejected).
 
     python benchmarks/overlap.py --repeats 2 --steps 7 --time-scale 4 --out benchmarks/results/overlap_simulated.txt
 """
