@@ -1,10 +1,13 @@
 """SIMULATED rollout server for the overlap benchmark (benchmarks/overlap.py): not SGLang, not a GPU.
 
 Real SGLang on these CPUs generates far too slowly next to the tiny model's training for overlap
-to show honestly, so this server computes real tokens with a small HF model (real log-probs, so
-the trainer's weight-sync proof, rewards and staleness checks run unchanged) but *paces* decoding
-to a GPU-like latency model, with a running-request limit and a waiting queue as SGLang's
-scheduler has.
+to show honestly, so this server *paces* decoding to a GPU-like latency model, with a
+running-request limit and a waiting queue as SGLang's scheduler has. It runs on the trainer's
+cores, so it must cost them next to nothing: response tokens are NOT the model's but drawn from a
+stated distribution (:class:`SimEngine`: valid token ids, their stated log-probs, EOS with a set
+probability per token), while it holds the real HF model for what the trainer checks: the weight
+sync lands in it and the sync's proof gets prompt log-probs from a real forward of those
+weights. Weight versions per token, finish reasons and pause behaviour are SGLang's.
 
 Protocol: the HTTP surface of ``tests/doubles/sglang_emulator.py`` (SGLang 0.5.23's, as the
 trainer uses it: weight-update group over gloo, ``/update_weights_from_distributed``,
@@ -15,7 +18,7 @@ finish type ``abort``) and ``retract`` (running requests go back to the queue wi
 are recomputed, under the weights then loaded, after ``/continue_generation``), and
 ``/server_info`` with ``internal_states[0].effective_max_running_requests_per_dp``.
 ``GET /sim_stats`` returns the scheduler's cumulative counters (running-batch size integrated
-over busy time, tokens, decode steps, overruns).
+over busy time, tokens, decode steps, the host's real compute time, overruns).
 
 Latency model (a roofline, not a measurement): Llama-3.1-8B in bf16 on one H100 SXM.
 One decode step of a running batch of B requests with total context C tokens takes
@@ -42,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -90,15 +95,45 @@ class _Seq:
     out_lp: list[list] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     input_lp: list | None = None
-    past: Any = None  # KV cache; None: (re)compute prompt + output so far
-    last: torch.Tensor | None = None  # logits for the next token
-    last_version: str | None = None  # weights those logits came from
+    prefill: bool = True  # the next step (re)computes prompt + output so far (modelled cost)
     finish: dict | None = None
     cancelled: bool = False
 
 
 class SimEngine(CPUEngine):
-    """CPUEngine's weights and model; decoding one token at a time for a batch of sequences."""
+    """CPUEngine's model and weight-update groups, with cheap decoding.
+
+    Response tokens are drawn from a STATED distribution, not from the model: fixed seeded
+    logits over the vocabulary (standard normal), with the first EOS id's logit set so that it
+    has probability ``eos_prob`` at temperature 1 (response lengths then end like a truncated
+    geometric). Temperature, top-k and top-p apply to those logits as in SGLang, and each
+    token's reported log-prob is ``log_softmax(logits / temperature)[token]`` (untempered when
+    greedy). So a decode step costs the host microseconds, and only the modelled GPU time is
+    slept: the trainer on the same cores is not slowed by the simulation. Prompt log-probs
+    (``logprob_start_len``, the weight-sync proof's probe) come from a real forward of the served
+    weights, so the proof still checks what the trainer sent.
+    """
+
+    def __init__(self, *args, eos_prob: float = 0.05, **kw):
+        super().__init__(*args, **kw)
+        self.eos_prob = eos_prob
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(self.vocab_size, generator=g, dtype=torch.float64)
+        if self.eos_ids:
+            eos = min(self.eos_ids)
+            rest = torch.logsumexp(torch.cat([logits[:eos], logits[eos + 1:]]), 0)
+            logits[eos] = rest + math.log(eos_prob / (1 - eos_prob))
+        self.logits = logits
+        self._dists: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _dist(self, p) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs to report, probabilities to sample from) for ``p``'s sampling settings."""
+        key = (p.temperature, p.top_k, p.top_p)
+        if key not in self._dists:
+            greedy = p.temperature < SAMPLING_EPS
+            scaled = self.logits if greedy else self.logits / p.temperature
+            self._dists[key] = (torch.log_softmax(scaled, -1), _filtered_probs(scaled, p.top_k, p.top_p))
+        return self._dists[key]
 
     def _stops(self, p) -> set[int]:
         stop = set(p.stop_token_ids or ())
@@ -106,50 +141,47 @@ class SimEngine(CPUEngine):
 
     @torch.no_grad()
     def iteration(self, seqs: list[_Seq], version: str) -> int:
-        """One decode step for ``seqs`` (model thread): a new or retracted sequence is (re)computed
-        first. Returns the number of prompt tokens prefilled."""
+        """One decode step for ``seqs`` (model thread). Returns the number of prompt (and, after
+        a retract, output) tokens a GPU would prefill in it."""
         if self.released:
             raise _Released(f"memory is released ({sorted(self.released)})")
         prefilled = 0
         for s in seqs:
             p = s.job.params
-            if s.last is None:
-                ids = s.job.input_ids + s.out_ids
-                logits, s.past = self._forward(ids, None)
-                prefilled += len(ids)
+            if s.prefill:
+                prefilled += len(s.job.input_ids) + len(s.out_ids)
+                s.prefill = False
+                ids, start = s.job.input_ids, s.job.logprob_start_len
                 if s.job.return_logprob and s.input_lp is None:
-                    s.input_lp = self._input_logprobs(s.job.input_ids, logits[: len(s.job.input_ids)],
-                                                      s.job.logprob_start_len)
-                s.last, s.last_version = logits[-1], version
-            greedy = p.temperature < SAMPLING_EPS
-            scaled = s.last if greedy else s.last / p.temperature
-            logprobs = torch.log_softmax(scaled, dim=-1)
-            tok = int(torch.argmax(s.last)) if greedy else \
-                int(torch.multinomial(_filtered_probs(scaled, p.top_k, p.top_p), 1, generator=s.gen))
+                    # Only a request asking for prompt log-probs pays for a real forward.
+                    s.input_lp = self._input_logprobs(ids, self._forward(ids, None)[0], start) \
+                        if start < len(ids) - 1 else [[None, ids[start], None]]
+                if p.max_new_tokens == 0:  # a prefill-only request (the proof's probe)
+                    s.finish = {"type": "length", "length": 0}
+                    continue
+            logprobs, probs = self._dist(p)
+            tok = int(torch.argmax(self.logits)) if p.temperature < SAMPLING_EPS else \
+                int(torch.multinomial(probs, 1, generator=s.gen))
             s.out_ids.append(tok)
             s.out_lp.append([float(logprobs[tok]), tok, None])
-            s.versions.append(s.last_version)
+            s.versions.append(version)
             if len(s.out_ids) >= p.max_new_tokens:  # SGLang checks the length before stop tokens
                 s.finish = {"type": "length", "length": p.max_new_tokens}
             elif tok in self._stops(p):
                 s.finish = {"type": "stop", "matched": tok}
-            else:
-                logits, s.past = self._forward([tok], s.past)
-                s.last, s.last_version = logits[-1], version
         return prefilled
 
 
 class SimulatedServer(CPUServer):
-    engine_class = SimEngine
-
-    def __init__(self, model_path: str, *, max_running: int, time_scale: float, **kw):
+    def __init__(self, model_path: str, *, max_running: int, time_scale: float, eos_prob: float = 0.05, **kw):
+        self.engine_class = functools.partial(SimEngine, eos_prob=eos_prob)
         super().__init__(model_path, **kw)
         self.max_running, self.time_scale = max_running, time_scale
         self.queue: deque[_Seq] = deque()
         self.running_seqs: list[_Seq] = []
         self.wake = asyncio.Event()
         self.stats = {"decode_steps": 0, "busy_s": 0.0, "running_x_s": 0.0, "peak_running": 0,
-                      "peak_queued": 0, "tokens": 0, "prefill_tokens": 0, "overruns": 0,
+                      "peak_queued": 0, "tokens": 0, "prefill_tokens": 0, "overruns": 0, "compute_s": 0.0,
                       "requests": 0, "aborted": 0, "retracted": 0}
 
     def app(self) -> web.Application:
@@ -192,6 +224,7 @@ class SimulatedServer(CPUServer):
             step = time.monotonic() - t0
             st = self.stats
             st["decode_steps"] += 1
+            st["compute_s"] += compute
             st["busy_s"] += step
             st["running_x_s"] += len(batch) * step
             st["peak_running"] = max(st["peak_running"], len(batch))
@@ -274,7 +307,7 @@ class SimulatedServer(CPUServer):
         else:  # retract: back to the queue's front, tokens kept, recomputed after continue
             for s in reversed(self.running_seqs):
                 if s.finish is None:
-                    s.past, s.last = None, None
+                    s.prefill = True
                     self.queue.appendleft(s)
                     self.stats["retracted"] += 1
             self.running_seqs = [s for s in self.running_seqs if s.finish is not None]
@@ -296,12 +329,13 @@ class SimulatedServer(CPUServer):
             "max_running_requests": self.max_running,
             "internal_states": [{"effective_max_running_requests_per_dp": self.max_running}],
             "version": "maspo-megatron-SIMULATED-server",
-            "simulated": f"GPU latency model (Llama-3.1-8B bf16, H100 roofline) x{self.time_scale}",
+            "simulated": f"GPU latency model (Llama-3.1-8B bf16, H100 roofline) x{self.time_scale}; "
+                         f"response tokens from a stated distribution (EOS p={self.engine.eos_prob})",
         })
 
     async def sim_stats(self, request):
         return web.json_response({**self.stats, "max_running": self.max_running,
-                                  "time_scale": self.time_scale, "queued": len(self.queue),
+                                  "time_scale": self.time_scale, "eos_prob": self.engine.eos_prob, "queued": len(self.queue),
                                   "running": len(self.running_seqs)})
 
 
@@ -316,13 +350,14 @@ def _spans(versions: list[str]) -> list[dict]:
     return spans
 
 
-def simulated_manager(model_path: str, n: int, log_dir: str, *, max_running: int, time_scale: float):
+def simulated_manager(model_path: str, n: int, log_dir: str, *, max_running: int, time_scale: float,
+                      eos_prob: float = 0.05):
     """A ServerManager running ``n`` simulated servers."""
     from maspo_megatron.rollout.servers import ServerManager
 
     return ServerManager(lambda port, host: [sys.executable, os.path.abspath(__file__), "--model-path", model_path,
                                              "--host", host, "--port", str(port), "--max-running", str(max_running),
-                                             "--time-scale", str(time_scale)],
+                                             "--time-scale", str(time_scale), "--eos-prob", str(eos_prob)],
                          n, startup_timeout_s=120, log_dir=log_dir)
 
 
@@ -333,15 +368,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--max-running", type=int, default=16, help="running-request limit (SGLang's --max-running-requests)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="multiplies every modelled GPU time")
+    ap.add_argument("--eos-prob", type=float, default=0.05,
+                    help="probability of EOS per response token (temperature 1) in the stated distribution")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
-    if args.max_running < 1 or args.time_scale <= 0:
-        ap.error("--max-running must be >= 1 and --time-scale > 0")
+    if args.max_running < 1 or args.time_scale <= 0 or not 0 < args.eos_prob < 1:
+        ap.error("--max-running must be >= 1, --time-scale > 0 and --eos-prob in (0, 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simulated_server %(message)s")
     torch.set_num_threads(args.threads)
-    server = SimulatedServer(args.model_path, max_running=args.max_running, time_scale=args.time_scale)
-    logger.info("SIMULATED server (GPU latency model x%s, max %d running) for %s on %s:%d",
-                args.time_scale, args.max_running, args.model_path, args.host, args.port)
+    server = SimulatedServer(args.model_path, max_running=args.max_running, time_scale=args.time_scale,
+                             eos_prob=args.eos_prob)
+    logger.info("SIMULATED server (GPU latency model x%s, max %d running, stated token distribution with "
+                "EOS p=%s) for %s on %s:%d", args.time_scale, args.max_running, args.eos_prob, args.model_path,
+                args.host, args.port)
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
                 handler_cancellation=True)  # a closed connection aborts its request, as in SGLang
 

@@ -589,6 +589,7 @@ class Trainer:
         to ``output_dir/prompts.jsonl`` (after a resume, a step's later record supersedes).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
+        t0 = time.perf_counter()
         n = cfg.rollout.n_samples
         retries0 = self.engine.client.retries  # a prefetched rollout's happen during the step before
         kept: list[RolloutGroup] = []
@@ -619,7 +620,9 @@ class Trainer:
         aborted = [i for i in drawn if i not in complete]
         info = {"sampling/rounds": rounds, "sampling/groups_kept": len(kept),
                 "sampling/groups_seen": len(seen), "sampling/groups_aborted": len(aborted),
-                "rollout/retries": self.engine.client.retries - retries0}
+                "rollout/retries": self.engine.client.retries - retries0,
+                # the rollout's own duration; in one_step_off it ran during the step before
+                "time/collect_s": time.perf_counter() - t0}
         failures = check_reward_failures(seen, cfg.reward, step + 1)
         if failures:
             print(failures, flush=True)

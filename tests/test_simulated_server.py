@@ -1,11 +1,13 @@
 """benchmarks/simulated_server.py (the overlap benchmark's SIMULATED rollout server) still answers
 the trainer's protocol: the real client and SGLang backend talk to it, its prompt log-probs match
-an HF forward of the served weights, the running-request limit holds with the rest queued, decode
-is paced by the latency model, and pause abort / retract behave as SGLang's."""
+an HF forward of the served weights, response tokens follow the stated distribution at almost
+no host cost, the running-request limit holds with the rest queued, decode is paced by the
+latency model, and pause abort / retract behave as SGLang's."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -80,11 +82,39 @@ def test_generate_logprobs_limit_and_pacing(server):
     assert after["tokens"] - before["tokens"] == 48
     modelled = SCALE * 16 * decode_step_s(LIMIT, 0)
     assert wall >= 0.95 * modelled, (wall, modelled)
+    # Decoding is cheap for the host (the trainer shares its cores): the real compute, one prompt
+    # forward included, is a small part of the modelled time slept.
+    compute = after["compute_s"] - before["compute_s"]
+    assert compute < 0.25 * (after["busy_s"] - before["busy_s"]), (compute, after, before)
+    # A token's stated log-prob does not depend on the sample or the position.
+    by_token = {}
+    for o in outs:
+        for lp, tok, _ in o["meta_info"]["output_token_logprobs"]:
+            assert by_token.setdefault(tok, lp) == lp
+    assert sum(math.exp(v) for v in by_token.values()) <= 1 + 1e-9
     # The trainer's parser accepts the answer (per-token versions included).
     from maspo_megatron.rollout.sglang import wire
 
     parsed = wire.parse_generate_response(outs, 6, True)
     assert all(p.output_ids == o["output_ids"] and p.token_versions == ["default"] * 8 for p, o in zip(parsed, outs))
+
+
+def test_stated_eos_probability(server):
+    """EOS has the stated probability (0.05 per token at temperature 1): its reported log-prob
+    is log 0.05, and lengths follow the truncated geometric distribution's mean."""
+    q, cap, n = 0.05, 40, 30
+    body = {"input_ids": [2, 5, 7], "return_logprob": True,
+            "sampling_params": {"n": n, "max_new_tokens": cap, "temperature": 1.0, "sampling_seed": 3}}
+    outs = _post(server["url"], "/generate", body)
+    stops = [o for o in outs if o["meta_info"]["finish_reason"]["type"] == "stop"]
+    assert stops and all(o["meta_info"]["output_token_logprobs"][-1][0] == pytest.approx(math.log(q), abs=1e-9)
+                         for o in stops)
+    lengths = [len(o["output_ids"]) for o in outs]
+    mean = (1 - (1 - q) ** cap) / q  # E[min(Geometric(q), cap)]
+    sd = math.sqrt((1 - q)) / q  # the uncapped sd, larger than the capped one
+    assert abs(sum(lengths) / n - mean) < 3 * sd / math.sqrt(n), (lengths, mean)
+    again = _post(server["url"], "/generate", body)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in outs]  # sampling_seed
 
 
 def _in_background(url, body):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import types
 
 import pytest
@@ -165,6 +166,23 @@ def test_dynamic_sampling_refills_to_the_batch_size(trainer_factory):
     assert prompt_records(t) == [{"step": 1, "drawn": list(range(12)), "aborted": [],
                                   "trained": [1, 2, 4, 5, 7, 8, 10, 11],
                                   "versions": [[[[0, 2]]] * 4] * 8}]
+
+
+def test_collect_times_all_its_rounds(trainer_factory):
+    """``time/collect_s`` is the rollout's own duration, every sampling round included (in
+    one_step_off it is measured on the prefetch thread, during the step before)."""
+    engine = FakeEngine(informative=lambda i: i % 3 != 0)
+    sample = engine.sample
+
+    def slow(*args, **kw):
+        time.sleep(0.1)
+        return sample(*args, **kw)
+
+    engine.sample = slow
+    t = trainer_factory(engine)
+    configure(t, prompts=8, n=4, rounds=4)
+    _, info = t.collect(step=0)
+    assert info["sampling/rounds"] == 3 and 0.3 <= info["time/collect_s"] < 10
 
 
 def test_oversampling_aborts_the_rest_once_the_batch_is_full(trainer_factory):
