@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,6 +61,10 @@ def train(rank, world_size, model_dir, tp, pp, fused):
         out["metrics"].append(actor.train_step(batch))
         if step == 0:
             out["params"] = {k: v.detach().clone() for k, v in export_hf(actor.model)}
+    # A forward-only batch need not divide into the training's mini-batches (the sync proof's
+    # 4-sequence probe under actor.num_mini_batches=8 once failed here).
+    actor.cfg = dataclasses.replace(cfg, num_mini_batches=2)
+    out["odd_logprobs"], _ = actor.compute_logprobs(make_batch(n=3, seed=1))
     destroy_parallel()
     return out
 
@@ -73,6 +79,7 @@ def test_maspo_steps_tp2_pp2_match_single_rank_and_lower_loss(tmp_path):
     assert losses[-1] < losses[0] - 1e-3, losses
     for r in results:
         torch.testing.assert_close(r["old_logprobs"], ref["old_logprobs"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r["odd_logprobs"], ref["odd_logprobs"], atol=1e-5, rtol=0)
         for mine, theirs in zip(r["metrics"], ref["metrics"]):
             assert abs(mine["loss"] - theirs["loss"]) < 1e-5
             assert abs(mine["grad_norm"] - theirs["grad_norm"]) < 1e-5

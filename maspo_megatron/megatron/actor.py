@@ -549,14 +549,16 @@ class Actor:
             if replay is not None:
                 replay.clear()
 
-    def deal(self, lengths: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def deal(self, lengths: torch.Tensor, train: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Which rows of a batch with these ``lengths`` each data-parallel rank computes and
-        trains on (:func:`deal_batch`): the one place that decides it."""
-        return deal_batch(lengths, self.dp_size, self.cfg.num_mini_batches)
+        trains on (:func:`deal_batch`): the one place that decides it. A forward-only batch
+        (``train=False``, e.g. the sync proof's probe) is one mini-batch: it need not divide
+        into ``actor.num_mini_batches``."""
+        return deal_batch(lengths, self.dp_size, self.cfg.num_mini_batches if train else 1)
 
-    def share_of(self, batch: SequenceBatch) -> tuple[BatchShare, torch.Tensor]:
+    def share_of(self, batch: SequenceBatch, train: bool = True) -> tuple[BatchShare, torch.Tensor]:
         """This rank's share of a ``batch`` every rank holds, and its rows in ``batch``."""
-        rows, mini_batch = self.deal(batch.lengths)[self.dp_rank]
+        rows, mini_batch = self.deal(batch.lengths, train)[self.dp_rank]
         width = int(batch.lengths[rows].max())
         return BatchShare(SequenceBatch(**batch.select(rows, width), lengths=batch.lengths[rows]), mini_batch), rows
 
@@ -603,7 +605,7 @@ class Actor:
         """
         if isinstance(batch, BatchShare):
             return self._share_logprobs(batch.batch, entropy, temperature, replay)
-        share, rows = self.share_of(batch)
+        share, rows = self.share_of(batch, train=False)
         lp, ent = self._share_logprobs(share.batch, entropy, temperature, replay)
         # Each row is computed on exactly one DP rank: a sum assembles the batch.
         full = torch.zeros((2 if entropy else 1, *batch.input_ids.shape), dtype=torch.float32)
