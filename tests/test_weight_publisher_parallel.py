@@ -28,42 +28,54 @@ def _synced(rank, world_size, model_dir, url):
 
 
 def _failing_then_synced(rank, world_size, model_dir, url):
+    import faulthandler
+
     import torch
 
     import maspo_megatron.weight_publisher as wp
+    from maspo_megatron.algo.objective import Objective
+    from maspo_megatron.megatron.actor import Actor, ActorConfig
     from maspo_megatron.megatron.convert import load_hf_checkpoint
     from maspo_megatron.megatron.model import build_model
     from maspo_megatron.rollout.backend import WeightSyncError
-    from maspo_megatron.rollout.weight_sync import WeightSyncConfig
+    from maspo_megatron.rollout.client import RolloutClient
+    from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig
     from maspo_megatron.runtime import ParallelConfig, destroy_parallel, initialize_parallel
 
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang shows its stacks
     parallel = ParallelConfig(pp=2)
     initialize_parallel(parallel)
     chunks = build_model(model_dir, parallel, dtype=torch.float32, make_vocab_size_divisible_by=8)
     load_hf_checkpoint(chunks, model_dir)
+    cfg = ActorConfig()
+    actor = Actor(chunks, cfg, objective=Objective(cfg))
     export = wp.export_hf
 
-    def broken(model, **kw):  # stage 1's export dies after a few tensors (after buckets went out)
-        for i, nt in enumerate(export(model, **kw)):
+    def broken(model, **kw):
+        # Wrong weights go out (so a sync that reported success would fail the proof), and
+        # stage 1's export dies after some of its buckets went out.
+        for i, (name, t) in enumerate(export(model, **kw)):
             if rank == 1 and i == 12:
                 raise RuntimeError("stage 1 export broke on purpose")
-            yield nt
+            yield name, t * 1.5
 
     wp.export_hf = broken
     publisher = wp.WeightPublisher([url], WeightSyncConfig(bucket_bytes=BUCKET, timeout_s=120))
     try:
-        publisher.publish(chunks, version=7)
+        publisher.publish(actor.model, version=7)
         error = None
     except WeightSyncError as e:
         error = str(e)
     finally:
         wp.export_hf = export
-        publisher.close()
-        destroy_parallel()
-    # The server is left paused with half-new weights; a whole sync must still land.
-    out = step_sync_and_prove(model_dir, url, parallel, version=8, bucket_bytes=BUCKET)
+    # The server is left paused with partly wrong weights; the next sync must land whole.
+    publisher.publish(actor.model, version=8)
+    proof = wp.WeightProof(ProofConfig(), actor.spec.vocab_size, actor.dp_size, atol=1e-4)
+    result = proof.check(actor, RolloutClient([url]), [url], 8)
+    publisher.close()
     destroy_parallel()
-    return {"error": error, "proof": out["proof"]}
+    faulthandler.cancel_dump_traceback_later()
+    return {"error": error, "proof": result}
 
 
 @pytest.fixture(scope="module")
