@@ -57,7 +57,10 @@ straight on. Meanwhile every sender prepares its next bucket (the exporter's TP 
 flattening) on its main thread, so the servers are fed back to back and no stage waits for the
 whole previous stage: the sync costs the servers' receive-and-load time plus one HTTP round trip
 per bucket, not the sum of every stage's export and send. At most two buckets per sender exist
-at a time (one on the wire, one being prepared).
+at a time (one on the wire, one being prepared). With NCCL the broadcast (trainer + servers) and
+the next bucket's TP all-gathers (trainer ranks only) then run at once on separate
+communicators; the servers never wait on the all-gathers, so their order on a device cannot
+deadlock. The token travels on gloo (its group's timeout bounds a sender that died).
 
 Timeouts bound every step: HTTP calls (``http_timeout_s``, per bucket ``timeout_s``) and the
 collectives (group timeout), so a server that dies during a sync gives an error naming it within
