@@ -8,16 +8,18 @@ peers take part in the per-tensor TP all-gathers of the export; other data-paral
 hold the same weights and do nothing. Mixture-of-experts models add one sender per
 expert-parallel rank of each stage (expert-TP rank 0 of the first expert-data-parallel replica):
 each sends its own experts (the first also the dense tensors), so no rank gathers all experts.
-Senders take turns (SGLang handles one update call at a time). Collective over all ranks.
+All senders export at once; their buckets reach the servers interleaved, one at a time
+(``WeightSyncer``'s token ring: an SGLang 0.5.23 server receives one update call at a time).
+Collective over all ranks.
 
 Changing servers: :meth:`WeightPublisher.publish` takes the servers of this sync, ``(url,
 generation)`` pairs from rank 0 (the same on every rank); when they differ from the last ones (a
 server died, or came back restarted) the weight-update group is rebuilt with them.
 :meth:`WeightPublisher.publish_once` sends the current weights to restarted servers only, in a
 group of their own, so the servers in service are not paused. A failed sync fails on every rank
-alike (rank 0's verdict is broadcast; each sender first drains its export so that its TP peers
-leave their all-gathers), which lets the trainer drop a server that died during the sync and
-send again to the others.
+alike (every sender's verdict is gathered and each rank raises the cause, from the sender where
+it happened; each sender first drains its export so that its TP peers leave their all-gathers), which lets the trainer drop a server
+that died during the sync and send again to the others.
 
 The proof (:class:`WeightProof`): after every sync, the trainer's Megatron log-probs of a fixed
 probe (a few short token sequences) are compared with each server's own log-probs of the same
@@ -38,7 +40,7 @@ import torch.distributed as dist
 
 from maspo_megatron.megatron.convert import export_hf, export_roles
 from maspo_megatron.rollout.backend import WeightSyncError
-from maspo_megatron.rollout.weight_sync import ProofConfig, WeightSyncConfig, WeightSyncer, make_turn_barrier
+from maspo_megatron.rollout.weight_sync import PeerSyncError, ProofConfig, WeightSyncConfig, WeightSyncer
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +113,12 @@ class WeightPublisher:
                  backend: str = "sglang"):
         from megatron.core import parallel_state as ps
 
-        from maspo_megatron.runtime import device
-
         self.cfg, self.backend, self.engine_ranks_per_server = cfg, backend, engine_ranks_per_server
         self.colocated = cfg.mode == "colocated"
         if (ps.get_expert_model_parallel_world_size() > 1
                 and ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()):
-            # A rank would then be a TP peer in another sender's dense all-gathers while waiting
-            # for its own turn to send its experts (a deadlock).
+            # A rank would then be a TP peer in another sender's dense all-gathers while also
+            # exporting its own experts, in an order its peers do not share (a deadlock).
             raise NotImplementedError("weight sync with expert parallelism and parallel.etp != parallel.tp "
                                       "is not implemented; leave parallel.etp unset")
         _, writes_dense, _, writes_experts = export_roles()
@@ -128,9 +128,10 @@ class WeightPublisher:
         senders = [r for r, s in enumerate(flags) if s]
         self.sender_index = senders.index(dist.get_rank()) if self.is_sender else None
         self.num_senders = len(senders)
-        # new_group is collective over the world, senders or not.
-        group = dist.new_group(senders) if len(senders) > 1 else None
-        self.barrier = make_turn_barrier(group, device()) if self.is_sender and len(senders) > 1 else None
+        # new_group is collective over the world, senders or not. gloo: the send token is tiny
+        # and travels on the syncer's thread, beside the exporter's device collectives.
+        group = dist.new_group(senders, backend="gloo") if len(senders) > 1 else None
+        self.sender_group = group if self.is_sender else None
         self.targets = tuple((u, 0) for u in server_urls)
         self.syncer = self._make_syncer([u for u, _ in self.targets])
 
@@ -140,7 +141,7 @@ class WeightPublisher:
         return WeightSyncer(urls, self.cfg, backend=self.backend,
                             engine_ranks_per_server=self.engine_ranks_per_server,
                             sender_index=self.sender_index, num_senders=self.num_senders,
-                            turn_barrier=self.barrier)
+                            sender_group=self.sender_group)
 
     @property
     def _lead(self) -> bool:
@@ -196,26 +197,30 @@ class WeightPublisher:
                     logger.warning("closing the weight-update group of %s: %s", urls, e)
 
     def _send(self, syncer: WeightSyncer | None, model, version: int) -> float:
-        result = [0.0, None]
+        result = [0.0, None, False]  # GB/s, error, whether it only echoes another sender's
         named = export_hf(model, owned=True)
         if self.is_sender:
             try:
                 result[0] = syncer.sync(named, version).gbps
-            except Exception as e:  # noqa: BLE001 - rank 0 tells every rank below
+            except Exception as e:  # noqa: BLE001 - every rank hears of it below
                 result[1] = str(e) if isinstance(e, WeightSyncError) else f"{type(e).__name__}: {e}"
+                result[2] = isinstance(e, PeerSyncError)
                 # The TP peers are inside the export's per-tensor all-gathers: finish them.
                 for _ in named:
                     pass
         else:
             for _ in named:  # TP peer: join the export's all-gathers (nothing for other replicas)
                 pass
-        dist.broadcast_object_list(result, src=0)
-        if result[1] is not None:
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, result)
+        # Every rank raises the same message: the cause, from the sender where it happened.
+        errors = sorted((echo, r, msg) for r, (_, msg, echo) in enumerate(results) if msg is not None)
+        if errors:
             if self.syncer is syncer:
                 self.reset()  # the group may be broken; the next publish rebuilds it
                 self.targets = ()
-            raise WeightSyncError(result[1])
-        return result[0]
+            raise WeightSyncError(errors[0][2])
+        return results[0][0]
 
     def reset(self) -> None:
         """Drops the weight-update group (e.g. after a server restart); the next publish rebuilds it."""

@@ -64,11 +64,13 @@ def hf_logprobs(model, ids, temperature: float = 1.0) -> torch.Tensor:
 PROBE_IDS = [3, 17, 9, 42, 5, 11, 30, 2, 57, 8]
 
 
-def step_sync_and_prove(model_dir: str, url: str, parallel, version: int) -> dict:
+def step_sync_and_prove(model_dir: str, url: str, parallel, version: int,
+                        bucket_bytes: int = 16 << 10) -> dict:
     """Inside a ``run_distributed`` worker: builds the model of ``model_dir`` at ``parallel``,
     trains one MASPO step on :data:`PROBE_IDS`, syncs it into the server at ``url`` and proves
     it. Returns ``actor``, the step's ``metrics``, the ``proof`` result and the ``trained``
-    model's log-probs of ``PROBE_IDS[1:]`` (temperature 1, to hold against the server or HF).
+    model's log-probs of ``PROBE_IDS[1:]`` (temperature 1, to hold against the server or HF), and
+    this rank's ``sync_stats`` (None on ranks that send nothing).
     The caller tears the parallel state down."""
     from maspo_megatron.algo.objective import Objective
     from maspo_megatron.megatron.actor import Actor, ActorConfig, OptimizerConfig, SequenceBatch
@@ -91,13 +93,15 @@ def step_sync_and_prove(model_dir: str, url: str, parallel, version: int) -> dic
                           advantages=torch.tensor([1.0, -1.0]))
     batch.old_logprobs, _ = actor.compute_logprobs(batch)
     metrics = actor.train_step(batch)
-    publisher = WeightPublisher([url], WeightSyncConfig(bucket_bytes=16 << 10))
+    publisher = WeightPublisher([url], WeightSyncConfig(bucket_bytes=bucket_bytes))
     publisher.publish(actor.model, version=version)
     proof = WeightProof(ProofConfig(), actor.spec.vocab_size, actor.dp_size, atol=1e-4)
     result = proof.check(actor, RolloutClient([url]), [url], version)
+    stats = publisher.syncer.last_stats if publisher.syncer is not None else None
     publisher.close()
     every = torch.ones_like(mask)
     every[:, 0] = False  # every token but the first, which nothing predicts
     trained, _ = actor.compute_logprobs(
         SequenceBatch(input_ids=ids, lengths=batch.lengths, response_mask=every), temperature=1.0)
-    return {"actor": actor, "metrics": metrics, "proof": result, "trained": trained[0, 1:]}
+    return {"actor": actor, "metrics": metrics, "proof": result, "trained": trained[0, 1:],
+            "sync_stats": stats}

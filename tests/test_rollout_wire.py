@@ -182,7 +182,7 @@ def test_weight_sync_config_errors():
 
     with pytest.raises(ValueError, match="disk_dir is required"):
         WeightSyncer(["http://x"], WeightSyncConfig(mode="disk"))
-    with pytest.raises(ValueError, match="turn_barrier"):
+    with pytest.raises(ValueError, match="sender_group"):
         WeightSyncer(["http://x"], num_senders=2, sender_index=1)
     with pytest.raises(ConfigError, match=r"weight_sync.mode must be one of \['distributed', 'disk', 'colocated'\], got 'typo'"):
         apply_overrides(TrainerConfig(), ["weight_sync.mode=typo"])

@@ -38,11 +38,29 @@ The wire format of each call is the backend's (``rollout/backend.py``; SGLang in
 
 Several senders (pipeline stages; expert-parallel ranks of MoE models): each sender (a rank
 that holds full HF-named tensors of its share: its stage, its experts) makes its own
-``WeightSyncer`` with its ``sender_index`` among ``num_senders``, and its own group
+``WeightSyncer`` with its ``sender_index`` among ``num_senders`` and a gloo ``sender_group`` of
+all senders (group rank = sender index), and its own weight-update group
 (``<group_name>_s<index>_<random>``) in which it is rank 0 — SGLang receivers always broadcast
-from rank 0. Senders take turns (``turn_barrier``) because a server serves one weight-update
-call at a time: two senders reaching servers in different orders would deadlock their
-collectives. No sender ever holds another stage's layers or another rank's experts.
+from rank 0. No sender ever holds another stage's layers or another rank's experts.
+
+Why the senders interleave bucket by bucket instead of broadcasting at the same time: an SGLang
+0.5.23 server keeps any number of weight-update groups (a dict by name) but receives on one at a
+time. Every ``/update_weights_from_distributed`` names one group; the tokenizer manager's
+communicator is "queueing" (one request in flight, FIFO) and, while generation is paused, holds
+``is_pause_cond`` for the whole call; the scheduler thread receives the bucket and loads it into
+the model synchronously before it reads the next request. Two senders broadcasting at once into
+one server therefore cannot both progress, and two senders reaching several servers in different
+orders would deadlock their broadcasts. So the senders pass a token round a ring (sender order):
+the holder sends one bucket to every server and passes the token on once every server answered
+(so all servers see the calls in the same order); a sender without buckets left passes it
+straight on. Meanwhile every sender prepares its next bucket (the exporter's TP all-gathers,
+flattening) on its main thread, so the servers are fed back to back and no stage waits for the
+whole previous stage: the sync costs the servers' receive-and-load time plus one HTTP round trip
+per bucket, not the sum of every stage's export and send. At most two buckets per sender exist
+at a time (one on the wire, one being prepared). With NCCL the broadcast (trainer + servers) and
+the next bucket's TP all-gathers (trainer ranks only) then run at once on separate
+communicators; the servers never wait on the all-gathers, so their order on a device cannot
+deadlock. The token travels on gloo (its group's timeout bounds a sender that died).
 
 Timeouts bound every step: HTTP calls (``http_timeout_s``, per bucket ``timeout_s``) and the
 collectives (group timeout), so a server that dies during a sync gives an error naming it within
@@ -53,8 +71,10 @@ collectives (group timeout), so a server that dies during a sync gives an error 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
+import queue
 import random
 import shutil
 import threading
@@ -159,12 +179,19 @@ class WeightSyncConfig:
             raise ValueError("weight_sync.disk_dir is required when weight_sync.mode=disk")
 
 
+class PeerSyncError(WeightSyncError):
+    """This sender stopped because another one failed; that one raises the cause."""
+
+
 @dataclass
 class SyncStats:
     seconds: float
     bytes: int
     tensors: int
     buckets: int
+    timeline: list = field(default_factory=list)
+    """``(kind, index, start, end)`` monotonic seconds of each bucket's "prepare" (export and
+    flatten) and "send" (broadcast and every server's answer) on this sender."""
 
     @property
     def gbps(self) -> float:
@@ -185,14 +212,46 @@ def _spawn(fn, *args, **kw) -> Future:
     return fut
 
 
-def make_turn_barrier(group=None, device: torch.device | str = "cpu") -> Callable[[bool], bool]:
-    """A ``turn_barrier`` over a torch.distributed group of senders (e.g. the first rank of
-    every pipeline stage): returns True iff every sender passed ``ok=True``."""
-    def barrier(ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+class SenderRing:
+    """The send token of one distributed sync, passed round the senders in sender order over
+    their gloo group; ``agree(ok)`` is True iff every sender passed ``ok=True``.
+
+    The token is ``num_senders + 1`` int64s: ``done[i]`` (sender i has sent all its buckets) and
+    ``1 + index`` of the first sender that failed (0: none). It stops once all are done or one
+    failed: the sender that made it so sends it once more round the ring and waits for it to come
+    back, so every link carries exactly one last token and no send is left unmatched.
+    """
+
+    def __init__(self, group, index: int, size: int):
+        if dist.get_rank(group) != index or dist.get_world_size(group) != size:
+            raise ValueError(f"sender_group: rank {dist.get_rank(group)} of {dist.get_world_size(group)}, "
+                             f"expected sender_index {index} of num_senders {size}")
+        self.group, self.index, self.size = group, index, size
+
+    def agree(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
-    return barrier
+
+    def run(self, turn: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Calls ``turn(token)`` each time this sender holds a live token (it may mark itself done
+        or failed in it); returns the last token."""
+        n, nxt, prv = self.size, (self.index + 1) % self.size, (self.index - 1) % self.size
+        token = torch.zeros(n + 1, dtype=torch.int64)
+        last = lambda: bool(token[n]) or bool(token[:n].all())  # noqa: E731
+        started = self.index == 0  # sender 0 holds the first token
+        while True:
+            if not started:
+                dist.recv(token, group=self.group, group_src=prv)
+            started = False
+            if last():  # another sender ended it: pass it on, then stop
+                dist.send(token, group=self.group, group_dst=nxt)
+                return token
+            turn(token)
+            dist.send(token, group=self.group, group_dst=nxt)
+            if last():  # this sender ended it: wait for it to come back round
+                dist.recv(token, group=self.group, group_src=prv)
+                return token
 
 
 # ------------------------------------------------------------------------- flattened buckets
@@ -277,8 +336,7 @@ class WeightSyncer:
     def __init__(self, server_urls: Sequence[str], config: WeightSyncConfig | None = None, *,
                  backend: RolloutBackend | str = "sglang",
                  engine_ranks_per_server: int | Sequence[int] = 1, api_key: str | None = None,
-                 sender_index: int = 0, num_senders: int = 1,
-                 turn_barrier: Callable[[bool], bool] | None = None):
+                 sender_index: int = 0, num_senders: int = 1, sender_group=None):
         self.config = config or WeightSyncConfig()
         self.config.validate()
         if self.config.mode == "colocated" and not torch.cuda.is_available():
@@ -288,10 +346,11 @@ class WeightSyncer:
         if not server_urls:
             raise ValueError("WeightSyncer needs at least one server URL (not the router's: "
                              "weight-update endpoints answer 404 through sglang-router)")
-        if num_senders > 1 and turn_barrier is None:
-            raise ValueError("num_senders > 1 needs a turn_barrier (see make_turn_barrier)")
         if not 0 <= sender_index < num_senders:
             raise ValueError(f"sender_index {sender_index} not in [0, {num_senders})")
+        if num_senders > 1 and sender_group is None:
+            raise ValueError("num_senders > 1 needs a sender_group (a gloo group of all senders, "
+                             "group rank = sender_index)")
         self.backend_impl = get_backend(backend) if isinstance(backend, str) else backend
         self.urls = [u.rstrip("/") for u in server_urls]
         self.apis = [self.backend_impl.updater(u, api_key, self.config.http_timeout_s) for u in self.urls]
@@ -301,13 +360,14 @@ class WeightSyncer:
             raise ValueError(f"engine_ranks_per_server must give a positive count per server, got {ranks}")
         self.engine_ranks = ranks
         self.sender_index, self.num_senders = sender_index, num_senders
-        self.turn_barrier = turn_barrier
+        self.ring = SenderRing(sender_group, sender_index, num_senders) if num_senders > 1 else None
         self.backend = self.config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         on_gpu = self.backend == "nccl" or self.config.mode == "colocated"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
             else torch.device("cpu")
         self.group = None
         self.group_name = ""  # set by connect()
+        self.last_stats: SyncStats | None = None  # of the last successful sync
 
     # ------------------------------------------------------------------ helpers
     def _all(self, what: str, fn: Callable, timeout_s: float | None = None) -> list:
@@ -341,7 +401,7 @@ class WeightSyncer:
             except Exception as e:  # noqa: BLE001 - re-raised after the barrier
                 errors.append(e)
                 ok = False
-        return self.turn_barrier(ok) if self.turn_barrier else ok
+        return self.ring.agree(ok) if self.ring else ok
 
     def _in_turns(self, fn: Callable[[], None], ok: bool, errors: list) -> bool:
         for turn in range(self.num_senders):
@@ -430,7 +490,7 @@ class WeightSyncer:
         if session:
             ok = self._step(ok, lead_only("begin_weight_update", lambda api: api.begin_update()), errors)
         if cfg.mode == "distributed":
-            ok = self._in_turns(lambda: self._send_distributed(named_tensors, sampler, stats), ok, errors)
+            ok = self._step(ok, lambda: self._send_distributed(named_tensors, sampler, stats), errors)
         elif cfg.mode == "colocated":
             ok = self._in_turns(lambda: self._send_colocated(named_tensors, sampler, stats), ok, errors)
         else:
@@ -448,6 +508,7 @@ class WeightSyncer:
         if cfg.mode == "disk" and lead:
             self._prune_disk(path)
         stats.seconds = time.monotonic() - t0
+        self.last_stats = stats
         logger.info("weight sync v%s: %.2f GB in %d buckets, %.2fs (%.2f GB/s)", version,
                     stats.bytes / 1e9, stats.buckets, stats.seconds, stats.gbps)
         return stats
@@ -457,8 +518,8 @@ class WeightSyncer:
             raise errors[0] if isinstance(errors[0], WeightSyncError) else \
                 WeightSyncError(f"{what} failed: {errors[0]}") from errors[0]
         if not ok:
-            raise WeightSyncError(f"{what} failed on another sender (see its error); servers stay "
-                                  "paused with partially updated weights")
+            raise PeerSyncError(f"{what} failed on another sender (see its error); servers stay "
+                                "paused with partially updated weights")
 
     def _finish(self, version) -> None:
         self._all("update_weight_version", lambda api: api.set_version(str(version)))
@@ -467,27 +528,95 @@ class WeightSyncer:
         self._all("continue_generation", lambda api: api.resume())
 
     def _send_distributed(self, named, sampler: _Sampler, stats: SyncStats) -> None:
+        """Prepares buckets on this thread while a sender thread broadcasts them in its turns
+        (module docstring); raises if this sender or another one failed."""
         cfg = self.config
-        for bucket in iter_buckets(named, cfg.bucket_bytes):
-            for name, t in bucket:
-                sampler.offer(name, t)
-            flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
-            what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
-            # The HTTP calls block until the servers have received the broadcast: run them
-            # concurrently with it.
-            futs = [_spawn(api.update_from_distributed, metas, self.group_name, cfg.timeout_s,
-                           f"update_weights_from_distributed, {what}") for api in self.apis]
-            futs.append(_spawn(dist.broadcast, flat, 0, self.group))
-            self._wait(futs, self.urls + ["broadcast"], cfg.timeout_s + 5.0,
-                       f"update_weights_from_distributed, {what}")
-            stats.bytes += flat.numel()
-            stats.tensors += len(metas)
-            stats.buckets += 1
+        ready: queue.Queue = queue.Queue()  # flattened buckets, then None (or the export's error)
+        slots = threading.Semaphore(2)  # buckets held: one on the wire, one being prepared
+        stop = threading.Event()  # set by the sender thread when the sync ended early
+        sender = _spawn(self._send_turns, ready, slots, stop, stats)
+        buckets = iter_buckets(named, cfg.bucket_bytes)
+        try:
+            for i in itertools.count():
+                # A slot before the next bucket's export: its all-gathers allocate it.
+                while not slots.acquire(timeout=0.05):
+                    if stop.is_set():
+                        break
+                t0 = time.monotonic()
+                bucket = None if stop.is_set() else next(buckets, None)
+                if bucket is None:
+                    break
+                for name, t in bucket:
+                    sampler.offer(name, t)
+                flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
+                stats.timeline.append(("prepare", i, t0, time.monotonic()))
+                ready.put((flat, metas))
+                del bucket, flat
+            ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - the sender thread ends the ring with it
+            ready.put(e)
+        sender.result()
+
+    def _send_turns(self, ready: queue.Queue, slots: threading.Semaphore, stop: threading.Event,
+                    stats: SyncStats) -> None:
+        """Sender thread: one bucket per turn of the token, until this sender is done or failed."""
+        end: list = []  # [None] once done, [error] once failed
+
+        def turn() -> None:
+            item = ready.get()
+            if item is None or isinstance(item, BaseException):
+                end.append(item)
+                return
+            try:
+                self._send_bucket(*item, stats)
+            except BaseException as e:  # noqa: BLE001 - raised below, once the ring has ended
+                end.append(e)
+            finally:
+                del item
+                slots.release()
+
+        def ring_turn(token: torch.Tensor) -> None:
+            if not end:
+                turn()
+            if end and end[0] is not None:
+                token[self.num_senders] = 1 + self.sender_index
+            elif end:
+                token[self.sender_index] = 1
+
+        try:
+            if self.ring is None:
+                while not end:
+                    turn()
+            else:
+                token = self.ring.run(ring_turn)
+        finally:
+            stop.set()
+        if end and end[0] is not None:
+            raise end[0]
+        if self.ring is not None and token[self.num_senders]:
+            raise PeerSyncError(f"weight sync: sender {int(token[self.num_senders]) - 1} failed "
+                                "(see its error); the other senders stopped sending")
+
+    def _send_bucket(self, flat: torch.Tensor, metas: list[BucketMeta], stats: SyncStats) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        what = f"bucket {stats.buckets} ({len(metas)} tensors, {flat.numel() / 1e6:.1f} MB)"
+        # The HTTP calls block until the servers have received and loaded the broadcast: run them
+        # concurrently with it.
+        futs = [_spawn(api.update_from_distributed, metas, self.group_name, cfg.timeout_s,
+                       f"update_weights_from_distributed, {what}") for api in self.apis]
+        futs.append(_spawn(dist.broadcast, flat, 0, self.group))
+        self._wait(futs, self.urls + ["broadcast"], cfg.timeout_s + 5.0,
+                   f"update_weights_from_distributed, {what}")
+        stats.timeline.append(("send", stats.buckets, t0, time.monotonic()))
+        stats.bytes += flat.numel()
+        stats.tensors += len(metas)
+        stats.buckets += 1
 
     def _send_colocated(self, named, sampler: _Sampler, stats: SyncStats) -> None:
         cfg = self.config
         try:
-            for bucket in iter_buckets(named, cfg.bucket_bytes):
+            for i, bucket in enumerate(iter_buckets(named, cfg.bucket_bytes)):
                 for name, t in bucket:
                     sampler.offer(name, t)
                 flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
