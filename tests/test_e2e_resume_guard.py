@@ -7,10 +7,17 @@
    back to step 1, says so, counts global steps on the console (2/3, 3/3), and leaves
    metrics.jsonl and prompts.jsonl with each step 1..3 exactly once (items 3 and 5);
 4. a reward function that raises stops a fresh run at step 1 with its traceback (item 6).
+
+The runs share one rollout server, launched as tiny_cpu's runs launch theirs, on a copy of the
+model (so the orphan clean-up after each run, which looks for servers on the run's model path,
+leaves it): each run attaches with ``rollout.server_urls`` behind its own router, and syncs and
+proves its weights at start; two server start-ups fewer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -27,8 +34,23 @@ from test_trainer_resume import kill_orphans
 pytestmark = [pytest.mark.slow, pytest.mark.sglang]
 
 
+@contextlib.contextmanager
+def _shared_server(model_dir, log_dir):
+    from maspo_megatron.cli import load_recipe
+    from maspo_megatron.generation import RolloutEngine
+
+    rollout = load_recipe("tiny_cpu").rollout
+    own = dataclasses.replace(rollout, server_urls=[], router_url=None, use_router=False, num_servers=1)
+    engine = RolloutEngine(own, model_dir, None, None, log_dir)
+    try:
+        yield list(engine.server_urls)
+    finally:
+        engine.close()
+
+
 def _cmd(paths, run_dir, *extra, model=None):
     return [sys.executable, "-m", "maspo_megatron.cli", "train", "--recipe", "tiny_cpu",
+            f"rollout.server_urls={json.dumps(paths['server_urls'])}",
             f"model.path={model or paths['model']}", f"data.train_path={paths['train']}", f"output_dir={run_dir}",
             "save_every=1", "prompts_per_step=4", "rollout.n_samples=4", "algorithm.max_sampling_rounds=1",
             "eval_every=0", "tensorboard=false", *extra]
@@ -59,6 +81,13 @@ def test_resume_guard_fallback_and_reward_failure_through_the_cli(tmp_path):
     paths = prepare_assets(str(tmp_path))
     other = str(tmp_path / "other_model")
     shutil.copytree(paths["model"], other)
+    served = str(tmp_path / "served_model")
+    shutil.copytree(paths["model"], served)
+    with _shared_server(served, str(tmp_path / "server_logs")) as urls:
+        _check_runs({**paths, "server_urls": urls}, other, tmp_path)
+
+
+def _check_runs(paths, other, tmp_path):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
 
