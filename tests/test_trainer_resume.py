@@ -1,11 +1,9 @@
-"""Resume after a killed run: the real loop (2 torchrun processes and the router, in front of a
-real CPU server) is SIGKILLed after a checkpoint; a second run continues from that step and data
-cursor, and across both runs every prompt of the data order is trained on exactly once, none
-repeated, none skipped.
+"""Resume after a killed run: the real loop (2 torchrun processes, CPU server, router) is SIGKILLed
+after a checkpoint; a second run continues from that step and data cursor, and across both runs
+every prompt of the data order is trained on exactly once, none repeated, none skipped.
 
-Both runs attach to one rollout server (``rollout.server_urls``, tiny_cpu's deployment, started
-here on a copy of the model), each syncing and proving its weights at start: one server start-up
-fewer. The killed run's router is left running (its own session) and killed here."""
+Each run starts its own server (not :func:`shared_server`): a run killed during a weight sync
+could leave a shared server waiting in the broadcast."""
 
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,14 +26,15 @@ KILL_AFTER = 4  # checkpoint step after which the first run is killed
 
 def train_cmd(paths: dict, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "maspo_megatron.cli", "train", "--recipe", "tiny_cpu",
-            f"rollout.server_urls={json.dumps(paths['server_urls'])}", f"model.path={paths['model']}", f"data.train_path={paths['train']}", f"output_dir={run_dir}",
+            f"model.path={paths['model']}", f"data.train_path={paths['train']}", f"output_dir={run_dir}",
             f"steps={STEPS}", "save_every=2", "prompts_per_step=4", "rollout.n_samples=4",
             "eval_every=0", "tensorboard=false"]
 
 
 @contextlib.contextmanager
 def shared_server(model_dir: str, log_dir: str):
-    """URLs of one rollout server of ``model_dir``, launched as tiny_cpu's runs launch theirs."""
+    """URLs of one rollout server of ``model_dir``, launched as tiny_cpu's runs launch theirs, for
+    runs that attach to it (``rollout.server_urls``; each syncs and proves its weights at start)."""
     from maspo_megatron.cli import load_recipe
     from maspo_megatron.generation import RolloutEngine
 
@@ -85,19 +83,11 @@ def final_records(path: str) -> dict[int, dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_after_sigkill_continues_step_and_data_cursor(tmp_path):
+    from maspo_megatron.cli import load_recipe
+    from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
     from maspo_megatron.demo import prepare_assets
 
     paths = prepare_assets(str(tmp_path))
-    served = str(tmp_path / "served_model")
-    shutil.copytree(paths["model"], served)
-    with shared_server(served, str(tmp_path / "server_logs")) as urls:
-        _kill_and_resume({**paths, "server_urls": urls}, served, tmp_path)
-
-
-def _kill_and_resume(paths, served, tmp_path):
-    from maspo_megatron.cli import load_recipe
-    from maspo_megatron.data import PromptDataset, PromptLoader, load_tokenizer
-
     run_dir = str(tmp_path / "run")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     log1 = open(tmp_path / "first.log", "w")
@@ -116,7 +106,7 @@ def _kill_and_resume(paths, served, tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
         log1.close()
-        kill_orphans(served, keep_servers=True)
+        kill_orphans(paths["model"])
     killed_at = latest_checkpoint_step(ckpt_dir)
     assert KILL_AFTER <= killed_at < STEPS, "the first run was not killed before it finished"
     before = final_records(os.path.join(run_dir, "prompts.jsonl"))
@@ -125,7 +115,7 @@ def _kill_and_resume(paths, served, tmp_path):
     try:
         second = subprocess.run(train_cmd(paths, run_dir), capture_output=True, text=True, timeout=400)
     finally:
-        kill_orphans(served, keep_servers=True)
+        kill_orphans(paths["model"])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from {ckpt_dir} at step {killed_at}" in second.stdout
     assert latest_checkpoint_step(ckpt_dir) == STEPS
