@@ -53,8 +53,12 @@ TOY_STEPS = 2
 
 TOY_EP_MAX = 2
 
-# Widths of the toy model: head_dim 16, two KV heads (TP <= 2 divides them).
+# Widths of the toy model: head_dim 16, two KV heads (TP <= 2 divides them). Its depth is 2
+# layers per stage at the deepest toy pipeline, whatever the recipe's layout: recipes of one
+# family are then one toy model and share one rollout server in CI (the Qwen3-MoE toys at PP1 and
+# PP2 too).
 TOY_HIDDEN, TOY_HEADS, TOY_KV_HEADS, TOY_FFN, TOY_LAYERS_PER_STAGE = 64, 4, 2, 128, 2
+TOY_LAYERS = TOY_LAYERS_PER_STAGE * TOY_PP_MAX
 # The toy MoE: 4 experts (>= 4, so top-2 routing still chooses, and EP 2 holds 2 per rank).
 TOY_EXPERTS, TOY_TOPK, TOY_MOE_FFN = 4, 2, 32
 MOE_SIZE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -320,7 +324,7 @@ def _bytes_to_unicode() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def toy_hf_config(hf_config: dict, *, pp: int = 1) -> dict:
+def toy_hf_config(hf_config: dict) -> dict:
     """``hf_config`` (a recipe's ``HF_CONFIG``) with toy sizes: every key but ``SIZE_KEYS`` (and
     an MoE's ``MOE_SIZE_KEYS``) kept. Grouped-query attention stays grouped (4 heads over 2 KV
     heads) unless the model has none; an MoE keeps 4 experts, top-2 (fewer if it has fewer)."""
@@ -328,7 +332,7 @@ def toy_hf_config(hf_config: dict, *, pp: int = 1) -> dict:
     grouped = hf_config["num_attention_heads"] != hf_config.get("num_key_value_heads", hf_config["num_attention_heads"])
     out.update(hidden_size=TOY_HIDDEN, intermediate_size=TOY_FFN, num_attention_heads=TOY_HEADS,
                num_key_value_heads=TOY_KV_HEADS if grouped else TOY_HEADS,
-               num_hidden_layers=TOY_LAYERS_PER_STAGE * min(pp, TOY_PP_MAX),
+               num_hidden_layers=TOY_LAYERS,
                max_position_embeddings=TOY_MAX_POSITIONS)
     if "num_experts" in hf_config:  # MoE: fewer, narrower experts; routing settings stay
         out.update(num_experts=min(hf_config["num_experts"], TOY_EXPERTS),
@@ -337,14 +341,14 @@ def toy_hf_config(hf_config: dict, *, pp: int = 1) -> dict:
     return out
 
 
-def make_toy_model(out_dir: str, hf_config: dict, *, pp: int = 1, seed: int = 0) -> str:
+def make_toy_model(out_dir: str, hf_config: dict, *, seed: int = 0) -> str:
     """Writes a random-init HF model of ``hf_config``'s family at toy size (config.json,
     model.safetensors) and its toy tokenizer into ``out_dir``; returns ``out_dir``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
-    fields = toy_hf_config(hf_config, pp=pp)
+    fields = toy_hf_config(hf_config)
     tokenizer = make_toy_tokenizer(out_dir, _chat_format(hf_config))
     fields.pop("architectures", None)
     config = AutoConfig.for_model(
@@ -402,12 +406,11 @@ def toy_assets(recipe, cfg, out_dir: str) -> dict[str, str]:
         raise NotImplementedError(f"no toy data for reward {fn!r} (recipe {getattr(recipe, '__name__', recipe)}): "
                                   "add some to maspo_megatron/toy.py:toy_assets")
     hf = getattr(recipe, "HF_CONFIG", DEFAULT_HF_CONFIG)
-    _, pp, _, _ = toy_layout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-    toy = toy_hf_config(hf, pp=pp)
+    toy = toy_hf_config(hf)
     key = hashlib.sha256(json.dumps(toy, sort_keys=True).encode()).hexdigest()[:10]
     model_dir = os.path.join(out_dir, f"{toy['model_type']}-{key}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        make_toy_model(model_dir, hf, pp=pp)
+        make_toy_model(model_dir, hf)
     train = os.path.join(out_dir, "math", "train.jsonl")
     if not os.path.isfile(train):
         make_toy_math_data(train)

@@ -7,6 +7,10 @@
    back to step 1, says so, counts global steps on the console (2/3, 3/3), and leaves
    metrics.jsonl and prompts.jsonl with each step 1..3 exactly once (items 3 and 5);
 4. a reward function that raises stops a fresh run at step 1 with its traceback (item 6).
+
+The runs share one rollout server (``test_trainer_resume.shared_server``, tiny_cpu's deployment):
+each attaches with ``rollout.server_urls`` behind its own router and syncs and proves its weights
+at start; two server start-ups fewer. The clean-up after each run kills only routers left behind.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import time
 import pytest
 
 from maspo_megatron.megatron.checkpoint import latest_checkpoint_step
-from test_trainer_resume import kill_orphans
+from test_trainer_resume import kill_orphans, shared_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.sglang]
 
 
 def _cmd(paths, run_dir, *extra, model=None):
     return [sys.executable, "-m", "maspo_megatron.cli", "train", "--recipe", "tiny_cpu",
+            f"rollout.server_urls={json.dumps(paths['server_urls'])}",
             f"model.path={model or paths['model']}", f"data.train_path={paths['train']}", f"output_dir={run_dir}",
             "save_every=1", "prompts_per_step=4", "rollout.n_samples=4", "algorithm.max_sampling_rounds=1",
             "eval_every=0", "tensorboard=false", *extra]
@@ -39,7 +44,7 @@ def _run(cmd, marker, timeout=600, env=None):
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     finally:
-        kill_orphans(marker)
+        kill_orphans(marker, keep_servers=True)  # the routers a failed run may leave
     return proc, time.monotonic() - start
 
 
@@ -59,11 +64,18 @@ def test_resume_guard_fallback_and_reward_failure_through_the_cli(tmp_path):
     paths = prepare_assets(str(tmp_path))
     other = str(tmp_path / "other_model")
     shutil.copytree(paths["model"], other)
+    served = str(tmp_path / "served_model")
+    shutil.copytree(paths["model"], served)
+    with shared_server(served, str(tmp_path / "server_logs")) as urls:
+        _check_runs({**paths, "server_urls": urls, "served": served}, other, tmp_path)
+
+
+def _check_runs(paths, other, tmp_path):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
 
     # 1. Two steps, checkpoints at 1 and 2.
-    first, took = _run(_cmd(paths, run_dir, "steps=2"), paths["model"])
+    first, took = _run(_cmd(paths, run_dir, "steps=2"), paths["served"])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     print(f"first run: {took:.0f} s")
     assert _console_steps(first.stdout) == ["1/2", "2/2"]
@@ -85,7 +97,7 @@ def test_resume_guard_fallback_and_reward_failure_through_the_cli(tmp_path):
     # 3. Step 2's checkpoint truncated: the resumed run falls back to step 1, saying so.
     shard = sorted((ckpt / "iter_0000002").glob("*.distcp"))[0]
     os.truncate(shard, shard.stat().st_size // 2)
-    second, took = _run(_cmd(paths, run_dir, "steps=3"), paths["model"])
+    second, took = _run(_cmd(paths, run_dir, "steps=3"), paths["served"])
     print(f"second run: {took:.0f} s")
     out = second.stdout + second.stderr
     print("\n".join(line for line in out.splitlines() if "incomplete or corrupt" in line or "resumed from" in line))
@@ -104,7 +116,7 @@ def test_resume_guard_fallback_and_reward_failure_through_the_cli(tmp_path):
     (tmp_path / "e2e_broken_reward.py").write_text("def score(response, answer):\n    return 1 / 0\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     broken, took = _run(_cmd(paths, tmp_path / "broken", "steps=1", "reward.fn=e2e_broken_reward:score"),
-                        paths["model"], env=env)
+                        paths["served"], env=env)
     print(f"broken reward: exit {broken.returncode} in {took:.0f} s")
     out = broken.stdout + broken.stderr
     print(out[out.index("RewardFailure"):][:1500] if "RewardFailure" in out else out[-3000:])

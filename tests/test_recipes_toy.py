@@ -17,8 +17,7 @@ to exist and to name them.
 Cost: server start-ups dominate (real SGLang: 16-60 s each on an idle 2-core machine), so one
 server per toy model is started for the module and every recipe with that toy model attaches to
 it (``rollout.server_urls``): the three R1-Distill toys are one Qwen2 model, the Llama-3 toy
-another, the two Qwen3-MoE toys one each (2 and 4 layers: PP1 and PP2), so four servers start
-for six runs.
+another, the two Qwen3-MoE toys (PP1 and PP2) a third, so three servers start for six runs.
 """
 
 from __future__ import annotations
@@ -56,22 +55,30 @@ def assets_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_servers(tmp_path_factory):
-    """``get(model_dir, rollout_cfg) -> urls``: one server per toy model for the whole module,
-    launched exactly as the trainer launches the toy run's servers (``RolloutEngine``)."""
+    """``get(model_dir, rollout_cfg) -> urls``: a server of the toy model, launched exactly as the
+    trainer launches the toy run's servers (``RolloutEngine``). One runs at a time (~2.5 GB
+    each): recipes of one toy model are adjacent in name order, so each model's server starts
+    once and stops when the next model's starts."""
     from maspo_megatron.generation import RolloutEngine
 
-    engines: dict[str, RolloutEngine] = {}
+    current: dict[str, RolloutEngine] = {}
     log_dir = str(tmp_path_factory.mktemp("toy_servers"))
+    starts = []
 
     def get(model_dir: str, rollout) -> list[str]:
-        if model_dir not in engines:
+        if model_dir not in current:
+            for engine in current.values():
+                engine.close()
+            current.clear()
+            starts.append(model_dir)
             own = dataclasses.replace(rollout, server_urls=[], router_url=None, use_router=False, num_servers=1)
-            engines[model_dir] = RolloutEngine(own, model_dir, None, None, os.path.join(log_dir, str(len(engines))))
-        return list(engines[model_dir].server_urls)
+            current[model_dir] = RolloutEngine(own, model_dir, None, None, os.path.join(log_dir, str(len(starts))))
+        return list(current[model_dir].server_urls)
 
     yield get
-    for engine in engines.values():
+    for engine in current.values():
         engine.close()
+    print(f"toy rollout servers started: {len(starts)} ({', '.join(map(os.path.basename, starts))})")
 
 
 def _build(name):
@@ -120,7 +127,7 @@ def test_moe_toy_keeps_expert_parallelism_and_routing(name, tmp_path):
     assert p.etp in (None, 1) and (p.etp is None) == (cfg.parallel.etp is None)
     assert p.validate(procs) == p.ep and procs % (p.pp * p.ep * (p.etp or p.tp)) == 0
     assert not small.model.sequence_parallel
-    toy = toy_hf_config(hf, pp=p.pp)
+    toy = toy_hf_config(hf)
     assert toy["num_experts"] == TOY_EXPERTS >= 4 and toy["num_experts"] % p.ep == 0
     assert toy["num_experts_per_tok"] == 2 and toy["moe_intermediate_size"] < hf["moe_intermediate_size"]
     routing = ("norm_topk_prob", "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers",
@@ -131,13 +138,30 @@ def test_moe_toy_keeps_expert_parallelism_and_routing(name, tmp_path):
     # Hugging Face's own Qwen3-MoE builds from it, with the experts and router the toy asks for.
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    out = make_toy_model(str(tmp_path / "model"), hf, pp=p.pp)
+    out = make_toy_model(str(tmp_path / "model"), hf)
     config = AutoConfig.from_pretrained(out)
     assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, 2, True)
     model = AutoModelForCausalLM.from_pretrained(out)
     router = [n for n, _ in model.named_parameters() if n.endswith("mlp.gate.weight")]
     assert len(router) == toy["num_hidden_layers"]
     assert model.get_parameter(router[0]).shape == (4, toy["hidden_size"])
+
+
+def test_recipes_of_one_family_share_one_toy_model():
+    """What lets the toy runs share rollout servers: the toy model depends on the family, not on
+    the recipe's layout or size (four models would be one per recipe group below)."""
+    from maspo_megatron.toy import toy_hf_config
+
+    def toy(name):
+        return json.dumps(toy_hf_config(recipe_module(name).HF_CONFIG), sort_keys=True)
+
+    groups = {}
+    for name in RECIPES:
+        if hasattr(recipe_module(name), "HF_CONFIG"):
+            groups.setdefault(toy(name), []).append(name)
+    assert sorted(groups.values()) == [
+        ["maspo_llama3_70b_fp8"], ["maspo_qwen3_235b_a22b", "maspo_qwen3_30b_a3b"],
+        ["maspo_r1_distill_14b", "maspo_r1_distill_1_5b", "maspo_r1_distill_7b"]]
 
 
 def test_recipes_run_elsewhere_are_run_there():

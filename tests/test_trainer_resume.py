@@ -1,9 +1,14 @@
 """Resume after a killed run: the real loop (2 torchrun processes, CPU server, router) is SIGKILLed
 after a checkpoint; a second run continues from that step and data cursor, and across both runs
-every prompt of the data order is trained on exactly once, none repeated, none skipped."""
+every prompt of the data order is trained on exactly once, none repeated, none skipped.
+
+Each run starts its own server (not :func:`shared_server`): a run killed during a weight sync
+could leave a shared server waiting in the broadcast."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -26,9 +31,26 @@ def train_cmd(paths: dict, run_dir: str) -> list[str]:
             "eval_every=0", "tensorboard=false"]
 
 
-def kill_orphans(marker: str) -> None:
+@contextlib.contextmanager
+def shared_server(model_dir: str, log_dir: str):
+    """URLs of one rollout server of ``model_dir``, launched as tiny_cpu's runs launch theirs, for
+    runs that attach to it (``rollout.server_urls``; each syncs and proves its weights at start)."""
+    from maspo_megatron.cli import load_recipe
+    from maspo_megatron.generation import RolloutEngine
+
+    rollout = load_recipe("tiny_cpu").rollout
+    own = dataclasses.replace(rollout, server_urls=[], router_url=None, use_router=False, num_servers=1)
+    engine = RolloutEngine(own, model_dir, None, None, log_dir)
+    try:
+        yield list(engine.server_urls)
+    finally:
+        engine.close()
+
+
+def kill_orphans(marker: str, keep_servers: bool = False) -> None:
     """SIGKILLs the rollout server started on ``marker`` (its model path) and the router in front
-    of it: they run in their own sessions, so killing the trainer's process group leaves them."""
+    of it: they run in their own sessions, so killing the trainer's process group leaves them.
+    ``keep_servers``: only the routers (the server is shared by several runs)."""
     def cmdlines():
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -39,8 +61,10 @@ def kill_orphans(marker: str) -> None:
 
     servers = [(pid, cmd) for pid, cmd in cmdlines() if marker in cmd and "sglang.launch_server" in cmd]
     urls = [f"127.0.0.1:{cmd[cmd.index('--port') + 1]}" for _, cmd in servers]
-    victims = [pid for pid, _ in servers]
-    victims += [pid for pid, cmd in cmdlines() if pid not in victims and any(u in a for a in cmd for u in urls)]
+    keep = {pid for pid, _ in servers} if keep_servers else set()
+    victims = [pid for pid, _ in servers if pid not in keep]
+    victims += [pid for pid, cmd in cmdlines()
+                if pid not in victims and pid not in keep and any(u in a for a in cmd for u in urls)]
     for pid in victims:
         try:
             # Each server and the router lead their own session (their scheduler and

@@ -33,6 +33,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+from maspo_megatron.rollout.router_shim import router_env
+
 logger = logging.getLogger(__name__)
 
 
@@ -469,6 +471,9 @@ class RouterManager(ServerManager):
                  extra_args: Sequence[str] = (), **kw):
         # The router's /health answers before workers register; this one needs a healthy worker.
         kw.setdefault("health_path", "/health_generate")
+        # Its launcher would import all of SGLang for an unused tracing hook (router_shim).
+        env = dict(kw.get("env") or {})
+        kw["env"] = {**env, **router_env(env.get("PYTHONPATH"))}
         # Its Prometheus exporter binds a fixed port (29000) unless told otherwise, which
         # collides between routers on one host.
         self._own_metrics_port = "--prometheus-port" not in extra_args
