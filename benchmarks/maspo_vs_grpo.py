@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir or f"outputs/maspo_vs_grpo_{args.task}"
     n_samples = load_recipe("tiny_cpu").rollout.n_samples
 
-    paths = prepare_assets(out, seed=0, task=args.task)
+    # --plot-only leaves the assets alone: a sweep still running reads them.
+    paths = None if args.plot_only else prepare_assets(out, seed=0, task=args.task)
     manager, url = None, args.server_url
     curves = {p: {m: [] for m in methods} for p in pipelines}
     results = {p: {m: [] for m in methods} for p in pipelines}
@@ -218,15 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if manager is not None:
             manager.stop()
-    done = {p: {m: r for m, r in by.items() if r} for p, by in results.items()}
-    done = {p: by for p, by in done.items() if by}
-    if not done:
-        print("[bench] no finished runs")
+    # Compare like with like: only seeds whose runs all finished (a partial sweep, --plot-only).
+    complete = [s for s in seeds if all(any(r[0] == s for r in rows) for by in results.values()
+                                         for rows in by.values())]
+    if not complete:
+        print("[bench] no seed has all its runs finished")
         return 1
+    for p in pipelines:
+        for m in methods:
+            keep = [i for i, r in enumerate(results[p][m]) if r[0] in complete]
+            results[p][m] = [results[p][m][i] for i in keep]
+            curves[p][m] = [curves[p][m][i] for i in keep]
     png = os.path.join(out, "reward_vs_samples.png")
-    plot({p: {m: curves[p][m] for m in by} for p, by in done.items()}, args.target, args.window,
-         f"task {args.task}: MASPO vs GRPO vs clip-higher", png)
-    text = table(done, args.target, args.window, args.steps)
+    plot(curves, args.target, args.window, f"task {args.task}: MASPO vs GRPO vs clip-higher", png)
+    text = table(results, args.target, args.window, args.steps)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
