@@ -27,8 +27,9 @@ Writes, under ``--output-dir``:
 "Samples" counts every response generated, including dynamic sampling's refill rounds
 (``sampling/groups_seen x n_samples``), so a method that needs more refills pays for them.
 
-    python benchmarks/maspo_vs_grpo.py --task shift --steps 40 --seeds 0,1,2,3,4 \\
-        --pipelines sync,one_step_off
+    python benchmarks/maspo_vs_grpo.py --task shift --steps 20 --prompts-per-step 16 \\
+        --seeds 0,1,2,3,4 --pipelines sync,one_step_off --target 0.15 \\
+        actor.optimizer.lr=3e-3 rollout.client.max_concurrency=256
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def plot(curves: dict[str, dict[str, list]], target: float, window: int, title: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 4.5), sharey=True, squeeze=False)
+    top = max(max(r.max() for _, r in runs) for by in curves.values() for runs in by.values())
     for ax, (pipeline, by_method) in zip(axes[0], curves.items()):
         for method, runs in by_method.items():
             # Seeds generate different numbers of samples per step: compare on a common sample grid.
@@ -110,7 +112,7 @@ def plot(curves: dict[str, dict[str, list]], target: float, window: int, title: 
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
         ax.set_xlabel("rollout samples generated")
         ax.set_title(f"rollout.pipeline={pipeline}")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, 1.2 * max(top, target)))
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel(f"reward ({window}-step moving average)")
