@@ -1,22 +1,35 @@
-"""MASPO vs GRPO vs clip-higher on the CPU demo task, over several seeds.
+"""MASPO vs GRPO vs clip-higher on a synthetic CPU task, over seeds and rollout pipelines.
 
 Every run is the real loop (``maspo-megatron train --recipe tiny_cpu``: Megatron actor at TP=2
-on gloo, the CPU SGLang-protocol server behind sglang-router, weight sync every step) on the
-same tiny model and synthetic data; only ``actor.loss`` and the seed (rollout sampling and
-prompt order) change. The seed does not change the model's initial weights, so the methods
-start from the same policy.
+on gloo, a real SGLang server (CPU engine), weight sync every step, proven by log-probs) on the
+same tiny model and synthetic data; only ``actor.loss``, ``rollout.pipeline`` and the seed
+(rollout sampling and prompt order) change. The seed does not change the model's initial
+weights, so the methods start from the same policy.
+
+One SGLang server serves the whole sweep (started here, or ``--server-url``): each run attaches
+to it (``rollout.server_urls``, no router), and the trainer syncs its initial weights into the
+server and proves them before the first rollout, so a run never sees its predecessor's weights.
+Every run has ``actor.tis_cap=2`` and a reward worker, which ``one_step_off`` needs, so the two
+pipelines differ only in when rollouts are generated.
+
+``--task`` picks the data (``maspo_megatron.data.synthetic``): ``add`` (the demo's "a+b=", one
+answer token) or ``shift`` (8 digits, each answer digit the prompt digit + 3 mod 10, 8 answer
+tokens, reward = fraction of digits right); ``max_new_tokens`` is the answer's length + 1 (EOS).
 
 Writes, under ``--output-dir``:
-  runs/<method>_seed<k>/    each run (metrics.jsonl, logs)
+  runs/<pipeline>/<method>_seed<k>/  each run (metrics.jsonl, logs); a run whose metrics.jsonl
+                            has its last step is kept (resumable: rerun the same command)
   reward_vs_samples.png     reward (moving average) vs rollout samples generated, mean and
-                            min-max band over seeds, one curve per method
-  results.md                samples to reach ``--target`` reward (moving average), per seed,
-                            and the final reward
+                            min-max band over seeds, one curve per method, one panel per pipeline
+  results.md                samples to reach ``--target`` reward, per seed; final reward; MASPO's
+                            gate (fraction of A>0 / A<0 tokens gated, mean width sigma)
 
 "Samples" counts every response generated, including dynamic sampling's refill rounds
 (``sampling/groups_seen x n_samples``), so a method that needs more refills pays for them.
 
-    python benchmarks/maspo_vs_grpo.py --steps 80 --seeds 0,1,2
+    python benchmarks/maspo_vs_grpo.py --task shift --steps 20 --prompts-per-step 16 \\
+        --seeds 0,1,2,3,4 --pipelines sync,one_step_off --target 0.15 \\
+        actor.optimizer.lr=3e-3 rollout.client.max_concurrency=256
 """
 
 from __future__ import annotations
@@ -30,22 +43,30 @@ import time
 import numpy as np
 
 from maspo_megatron.cli import load_recipe, main as cli_main
+from maspo_megatron.data import SyntheticTaskConfig
 from maspo_megatron.demo import prepare_assets, read_metrics
 
 METHODS = ("maspo", "grpo", "clip_higher")
+PIPELINES = ("sync", "one_step_off")
+GATE_KEYS = ("actor/maspo/gated_frac_pos", "actor/maspo/gated_frac_neg", "actor/maspo/sigma_mean")
 
 
-def run_one(method: str, seed: int, steps: int, paths: dict, run_dir: str) -> list[dict]:
+def run_one(method: str, pipeline: str, seed: int, args, paths: dict, url: str, run_dir: str) -> list[dict]:
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
+    answer_tokens = SyntheticTaskConfig(task=args.task).answer_tokens
     code = cli_main([
         "train", "--recipe", "tiny_cpu",
         f"model.path={paths['model']}", f"data.train_path={paths['train']}",
         f"output_dir={run_dir}", f"actor.loss={method}", f"seed={seed}", f"data.seed={seed}",
-        f"steps={steps}", "eval_every=0", "tensorboard=false", "resume=false",
+        f"steps={args.steps}", f"prompts_per_step={args.prompts_per_step}",
+        f"rollout.sampling.max_new_tokens={answer_tokens + 1}",
+        f"rollout.pipeline={pipeline}", "actor.tis_cap=2.0", "reward.num_workers=1",
+        f"rollout.server_urls={url}", "rollout.use_router=false",
+        "eval_every=0", "tensorboard=false", "resume=false", *args.overrides,
     ])
     if code != 0:
-        raise RuntimeError(f"{method} seed {seed} failed with exit code {code}; logs in {run_dir}")
+        raise RuntimeError(f"{method} {pipeline} seed {seed} failed with exit code {code}; logs in {run_dir}")
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -64,90 +85,157 @@ def samples_to_target(samples: np.ndarray, smooth: np.ndarray, target: float, wi
     return int(samples[hits[0] + window - 1]) if len(hits) else None
 
 
-def plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], target: float, window: int, out_png: str) -> None:
+def gate_stats(metrics: list[dict]) -> tuple[float, ...] | None:
+    """MASPO's gate over the run: mean over steps of each of ``GATE_KEYS`` (None for other losses)."""
+    rows = [m for m in metrics if GATE_KEYS[0] in m]
+    if not rows:
+        return None
+    return tuple(float(np.mean([m[k] for m in rows])) for k in GATE_KEYS)
+
+
+def plot(curves: dict[str, dict[str, list]], target: float, window: int, title: str, out_png: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for method, runs in curves.items():
-        # Seeds generate different numbers of samples per step: compare on a common sample grid.
-        end = min(s[-1] for s, _ in runs)
-        grid = np.linspace(max(s[0] for s, _ in runs), end, 200)
-        ys = np.stack([np.interp(grid, s, r) for s, r in runs])
-        line, = ax.plot(grid, ys.mean(0), label=f"{method} (mean of {len(runs)} seeds)")
-        ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
-    ax.set_xlabel("rollout samples generated")
-    ax.set_ylabel(f"reward ({window}-step moving average)")
-    ax.set_ylim(0, 1)
-    ax.set_title("CPU demo task: MASPO vs GRPO vs clip-higher (band: min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 4.5), sharey=True, squeeze=False)
+    top = max(max(r.max() for _, r in runs) for by in curves.values() for runs in by.values())
+    for ax, (pipeline, by_method) in zip(axes[0], curves.items()):
+        for method, runs in by_method.items():
+            # Seeds generate different numbers of samples per step: compare on a common sample grid.
+            end = min(s[-1] for s, _ in runs)
+            grid = np.linspace(max(s[0] for s, _ in runs), end, 200)
+            ys = np.stack([np.interp(grid, s, r) for s, r in runs])
+            line, = ax.plot(grid, ys.mean(0), label=f"{method} (mean of {len(runs)} seeds)")
+            ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
+        ax.set_xlabel("rollout samples generated")
+        ax.set_title(f"rollout.pipeline={pipeline}")
+        ax.set_ylim(0, min(1.0, 1.2 * max(top, target)))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel(f"reward ({window}-step moving average)")
+    fig.suptitle(f"{title} (band: min-max over seeds)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
 
-def table(results: dict[str, list[tuple[int, int | None, float]]], target: float, window: int, steps: int) -> str:
+def table(results: dict[str, dict[str, list]], target: float, window: int, steps: int) -> str:
+    seeds = [s for s, *_ in next(iter(next(iter(results.values())).values()))]
     lines = [
         f"Samples to a {window}-step moving-average reward >= {target} ({steps} steps per run; "
-        "'-' = not reached); final = mean reward of the last 5 steps.",
+        "'-' = not reached); final = mean reward of the last 5 steps; MASPO's gate, averaged over "
+        "steps and seeds: gated+ / gated- = fraction of A>0 / A<0 tokens with gate w < 0.99, "
+        "sigma = mean width of the gate.",
         "",
-        "| method | " + " | ".join(f"seed {s}" for s, _, _ in next(iter(results.values()))) +
-        " | median | reached | final reward (mean ± std) |",
-        "|---" * (len(next(iter(results.values()))) + 4) + "|",
+        "| pipeline | method | " + " | ".join(f"seed {s}" for s in seeds) +
+        " | median | reached | final reward (mean ± std) | gated+ | gated- | sigma |",
+        "|---" * (len(seeds) + 8) + "|",
     ]
-    for method, rows in results.items():
-        hit = [h for _, h, _ in rows]
-        reached = [h for h in hit if h is not None]
-        # The median counts a run that never reached the target as infinitely slow.
-        med = float(np.median([h if h is not None else np.inf for h in hit]))
-        finals = np.array([f for _, _, f in rows])
-        lines.append(
-            f"| {method} | " + " | ".join("-" if h is None else str(h) for h in hit) +
-            f" | {'-' if not np.isfinite(med) else int(med)} | {len(reached)}/{len(hit)} | "
-            f"{finals.mean():.3f} ± {finals.std():.3f} |")
+    for pipeline, by_method in results.items():
+        for method, rows in by_method.items():
+            hit = [h for _, h, _, _ in rows]
+            reached = [h for h in hit if h is not None]
+            # The median counts a run that never reached the target as infinitely slow.
+            med = float(np.median([h if h is not None else np.inf for h in hit]))
+            finals = np.array([f for _, _, f, _ in rows])
+            gates = [g for *_, g in rows if g is not None]
+            gate = " | ".join(f"{v:.3f}" for v in np.mean(gates, 0)) if gates else "- | - | -"
+            lines.append(
+                f"| {pipeline} | {method} | " + " | ".join("-" if h is None else str(h) for h in hit) +
+                f" | {'-' if not np.isfinite(med) else int(med)} | {len(reached)}/{len(hit)} | "
+                f"{finals.mean():.3f} ± {finals.std():.3f} | {gate} |")
     return "\n".join(lines)
+
+
+def start_server(model_dir: str, log_dir: str):
+    """One SGLang server for the whole sweep, launched as the trainer would launch it."""
+    from maspo_megatron.rollout.backend import get_backend
+    from maspo_megatron.rollout.servers import ServerManager
+
+    ro = load_recipe("tiny_cpu").rollout
+    os.makedirs(log_dir, exist_ok=True)
+    spec, backend = ro.server_spec(model_dir), get_backend(ro.engine)
+    manager = ServerManager(lambda port, host: backend.server_command(spec, port, host), 1,
+                            startup_timeout_s=ro.startup_timeout_s, log_dir=log_dir)
+    manager.start()
+    return manager
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="add", choices=("add", "shift"))
     ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated trainer seeds")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--pipelines", default="sync", help=f"comma-separated, of {','.join(PIPELINES)}")
     ap.add_argument("--target", type=float, default=0.4)
     ap.add_argument("--window", type=int, default=5)
-    ap.add_argument("--output-dir", default="outputs/maspo_vs_grpo")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep runs whose metrics.jsonl already has --steps steps")
+    ap.add_argument("--output-dir", default=None, help="default outputs/maspo_vs_grpo_<task>")
+    ap.add_argument("--server-url", default=None, help="a running SGLang server for the tiny model "
+                    "(default: start one for the sweep)")
+    ap.add_argument("--plot-only", action="store_true", help="tables and plot from the runs on disk")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides, every run")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    pipelines = [p for p in args.pipelines.split(",") if p]
+    for p in pipelines:
+        if p not in PIPELINES:
+            ap.error(f"--pipelines: {p!r} is not one of {PIPELINES}")
+    out = args.output_dir or f"outputs/maspo_vs_grpo_{args.task}"
     n_samples = load_recipe("tiny_cpu").rollout.n_samples
 
-    paths = prepare_assets(args.output_dir, seed=0)
-    curves: dict[str, list] = {m: [] for m in methods}
-    results: dict[str, list] = {m: [] for m in methods}
-    for seed in seeds:  # seed-major, so a partial run already compares the methods
-        for method in methods:
-            run_dir = os.path.join(args.output_dir, "runs", f"{method}_seed{seed}")
-            metrics_path = os.path.join(run_dir, "metrics.jsonl")
-            metrics = read_metrics(metrics_path) if args.reuse and os.path.exists(metrics_path) else []
-            if not any(m.get("step") == args.steps for m in metrics):
-                t0 = time.perf_counter()
-                metrics = run_one(method, seed, args.steps, paths, run_dir)
-                print(f"[bench] {method} seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
-            samples, smooth = curve(metrics, n_samples, args.window)
-            rewards = [m["reward/mean"] for m in metrics if "reward/mean" in m]
-            curves[method].append((samples, smooth))
-            results[method].append((seed, samples_to_target(samples, smooth, args.target, args.window),
-                                    float(np.mean(rewards[-5:]))))
-    png = os.path.join(args.output_dir, "reward_vs_samples.png")
-    plot(curves, args.target, args.window, png)
+    # --plot-only leaves the assets alone: a sweep still running reads them.
+    paths = None if args.plot_only else prepare_assets(out, seed=0, task=args.task)
+    manager, url = None, args.server_url
+    curves = {p: {m: [] for m in methods} for p in pipelines}
+    results = {p: {m: [] for m in methods} for p in pipelines}
+    try:
+        for seed in seeds:  # seed-major, so a partial sweep already compares the methods
+            for pipeline in pipelines:
+                for method in methods:
+                    run_dir = os.path.join(out, "runs", pipeline, f"{method}_seed{seed}")
+                    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+                    metrics = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+                    if not any(m.get("step") == args.steps for m in metrics):
+                        if args.plot_only:
+                            print(f"[bench] {pipeline} {method} seed {seed}: not done, left out", flush=True)
+                            continue
+                        if url is None:
+                            manager = start_server(paths["model"], os.path.join(out, "server_logs"))
+                            url = manager.urls[0]
+                        t0 = time.perf_counter()
+                        metrics = run_one(method, pipeline, seed, args, paths, url, run_dir)
+                        print(f"[bench] {pipeline} {method} seed {seed}: {time.perf_counter() - t0:.0f}s",
+                              flush=True)
+                    samples, smooth = curve(metrics, n_samples, args.window)
+                    rewards = [m["reward/mean"] for m in metrics if "reward/mean" in m]
+                    curves[pipeline][method].append((samples, smooth))
+                    results[pipeline][method].append(
+                        (seed, samples_to_target(samples, smooth, args.target, args.window),
+                         float(np.mean(rewards[-5:])), gate_stats(metrics)))
+    finally:
+        if manager is not None:
+            manager.stop()
+    # Compare like with like: only seeds whose runs all finished (a partial sweep, --plot-only).
+    complete = [s for s in seeds if all(any(r[0] == s for r in rows) for by in results.values()
+                                         for rows in by.values())]
+    if not complete:
+        print("[bench] no seed has all its runs finished")
+        return 1
+    for p in pipelines:
+        for m in methods:
+            keep = [i for i, r in enumerate(results[p][m]) if r[0] in complete]
+            results[p][m] = [results[p][m][i] for i in keep]
+            curves[p][m] = [curves[p][m][i] for i in keep]
+    png = os.path.join(out, "reward_vs_samples.png")
+    plot(curves, args.target, args.window, f"task {args.task}: MASPO vs GRPO vs clip-higher", png)
     text = table(results, args.target, args.window, args.steps)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     print(f"\nplot: {png}")

@@ -13,7 +13,8 @@ import shutil
 import sys
 
 
-def prepare_assets(output_dir: str, seed: int = 0) -> dict[str, str]:
+def prepare_assets(output_dir: str, seed: int = 0, task: str = "add") -> dict[str, str]:
+    """The tiny model, its tokenizer and the synthetic ``task``'s data under ``output_dir``/assets."""
     from maspo_megatron.data import SyntheticTaskConfig, make_demo_model, make_demo_tokenizer, \
         make_synthetic_dataset
 
@@ -22,7 +23,8 @@ def prepare_assets(output_dir: str, seed: int = 0) -> dict[str, str]:
     os.makedirs(model_dir, exist_ok=True)
     tokenizer = make_demo_tokenizer(model_dir)
     make_demo_model(model_dir, tokenizer, seed=seed)
-    train, evaluation = make_synthetic_dataset(os.path.join(assets, "data"), SyntheticTaskConfig(seed=seed))
+    train, evaluation = make_synthetic_dataset(os.path.join(assets, "data"),
+                                              SyntheticTaskConfig(task=task, seed=seed))
     return {"model": model_dir, "train": train, "eval": evaluation}
 
 

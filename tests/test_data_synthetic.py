@@ -43,8 +43,48 @@ def test_dataset_is_deterministic_and_correct(tmp_path):
         assert row["answer"] == str((int(x) + int(y)) % 10)
     for row in read(make_synthetic_dataset(str(tmp_path / "d"), SyntheticTaskConfig(task="copy", num_train=30))[0]):
         assert row["prompt"] == row["answer"] + "="
-    with pytest.raises(ValueError, match="'add' or 'copy'"):
+    with pytest.raises(ValueError, match="'add', 'copy' or 'shift'"):
         SyntheticTaskConfig(task="mul")
+
+
+def test_shift_task_maps_every_digit(tmp_path):
+    config = SyntheticTaskConfig(task="shift", num_train=300, num_eval=50, seed=3)
+    train_path, eval_path = make_synthetic_dataset(str(tmp_path / "a"), config)
+    rows = read(train_path) + read(eval_path)
+    assert config.answer_tokens == 8 and SyntheticTaskConfig().answer_tokens == 1
+    seen = set()
+    for row in rows:
+        prompt, answer = row["prompt"], row["answer"]
+        assert prompt.endswith("=") and len(prompt) == 9 and len(answer) == 8
+        for i, ch in enumerate(prompt[:-1]):
+            assert 0 <= int(ch) <= 4
+            assert int(answer[i]) == (int(ch) + 3) % 10
+            seen.add(ch)
+    assert seen == set("01234")  # every allowed digit is drawn
+    assert len({r["prompt"] for r in rows}) > 0.95 * len(rows)  # 5**8 prompts: nearly all distinct
+    assert read(make_synthetic_dataset(str(tmp_path / "b"), config)[0]) == read(train_path)
+    wide = read(make_synthetic_dataset(str(tmp_path / "c"), SyntheticTaskConfig(
+        task="shift", num_digits=12, offset=7, max_operand=9, num_train=200, num_eval=0))[0])
+    assert {len(r["answer"]) for r in wide} == {12}
+    assert {c for r in wide for c in r["prompt"][:-1]} == set("0123456789")
+    assert all(r["answer"] == "".join(str((int(c) + 7) % 10) for c in r["prompt"][:-1]) for r in wide)
+    with pytest.raises(ValueError, match="num_digits"):
+        SyntheticTaskConfig(task="shift", num_digits=0)
+    with pytest.raises(ValueError, match="offset"):
+        SyntheticTaskConfig(task="shift", offset=10)
+
+
+def test_shift_prompt_fits_the_demo_recipe(tmp_path):
+    from maspo_megatron.cli import load_recipe
+
+    tok = make_demo_tokenizer()
+    _, eval_path = make_synthetic_dataset(str(tmp_path), SyntheticTaskConfig(task="shift", num_train=1, num_eval=20))
+    cfg = load_recipe("tiny_cpu").data
+    data = PromptDataset(eval_path, DataConfig(max_prompt_len=cfg.max_prompt_len), tok)
+    assert len(data) == 20  # none dropped as too long
+    for sample in data:
+        assert len(sample.prompt_ids) == 10 and sample.prompt_ids[0] == tok.bos_token_id
+        assert tok.decode(sample.prompt_ids) == sample.prompt and len(sample.answer) == 8
 
 
 def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
@@ -111,3 +151,16 @@ def test_synthetic_reward_rule():
     assert reward("8", "7").reward == 0.0
     empty = reward("", "7")
     assert empty.reward == 0.0 and empty.no_answer
+
+
+def test_synthetic_reward_counts_digits_in_place():
+    reward = get_reward("synthetic")
+    assert reward("73546677<eos>", "73546677").reward == 1.0
+    assert reward("73546670", "73546677").reward == 7 / 8
+    assert reward("37546677", "73546677").reward == 6 / 8  # a swap costs both places
+    assert reward("1234567", "01234567").reward == 0.0  # shifted by one: nothing in place
+    cut = reward("735<eos>", "73546677")
+    assert cut.reward == 3 / 8 and cut.extracted == "735<eos>"
+    # A special token fills one position (it is one token), so the digits after it stay aligned.
+    assert reward("7<unk>546677", "73546677").reward == 7 / 8
+    assert reward("735466779999", "73546677").reward == 1.0  # what follows the answer is ignored
