@@ -36,13 +36,14 @@ GONE_WITHIN_S = 30.0
 START_TIMEOUT_S = 420.0
 
 
-def _procs() -> dict[int, tuple[str, bytes]]:
-    """pid -> (cmdline, environ) of every live, non-zombie process we may read."""
+def _procs() -> dict[int, tuple[str, bytes, int]]:
+    """pid -> (cmdline, environ, parent pid) of every live, non-zombie process we may read."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+                if state == b"Z":
                     continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read()
@@ -50,7 +51,7 @@ def _procs() -> dict[int, tuple[str, bytes]]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, IndexError):
             continue
-        out[int(pid)] = (cmd, env)
+        out[int(pid)] = (cmd, env, int(ppid))
     return out
 
 
@@ -73,8 +74,17 @@ class Run:
 
     # ------------------------------------------------------------------ looking
     def processes(self) -> dict[int, str]:
+        """The run's processes: those carrying its marker, and their descendants (setproctitle,
+        which sglang-router calls, overwrites the process's environ as /proc shows it)."""
         tag = f"{MARKER_ENV}={self.marker}".encode()
-        return {pid: cmd for pid, (cmd, env) in _procs().items() if tag in env.split(b"\0")}
+        procs = _procs()
+        ours = {pid for pid, (_, env, _) in procs.items() if tag in env.split(b"\0")}
+        grew = True
+        while grew:
+            more = {pid for pid, (_, _, ppid) in procs.items() if ppid in ours} - ours
+            ours |= more
+            grew = bool(more)
+        return {pid: procs[pid][0] for pid in ours}
 
     def find(self, needle: str) -> list[int]:
         return [pid for pid, cmd in self.processes().items() if needle in cmd]
@@ -112,7 +122,7 @@ class Run:
         return out
 
     def router(self) -> int:
-        # sglang-router renames its process to "sglang::router".
+        # sglang-router renames its process to "sglang::router" once its launcher is imported.
         (pid,) = [p for p, cmd in self.processes().items() if "launch_router" in cmd or "sglang::router" in cmd]
         return pid
 
