@@ -21,8 +21,9 @@ Writes, under ``--output-dir``:
                             has its last step is kept (resumable: rerun the same command)
   reward_vs_samples.png     reward (moving average) vs rollout samples generated, mean and
                             min-max band over seeds, one curve per method, one panel per pipeline
-  results.md                samples to reach ``--target`` reward, per seed; final reward; MASPO's
-                            gate (fraction of A>0 / A<0 tokens gated, mean width sigma)
+  results.md                samples to reach ``--target`` reward, per seed; final reward; how often
+                            the limiter acted: MASPO's gate (fraction of A>0 / A<0 tokens gated,
+                            mean width sigma), the hard clip of GRPO / clip-higher (clipped tokens)
 
 "Samples" counts every response generated, including dynamic sampling's refill rounds
 (``sampling/groups_seen x n_samples``), so a method that needs more refills pays for them.
@@ -85,12 +86,13 @@ def samples_to_target(samples: np.ndarray, smooth: np.ndarray, target: float, wi
     return int(samples[hits[0] + window - 1]) if len(hits) else None
 
 
-def gate_stats(metrics: list[dict]) -> tuple[float, ...] | None:
-    """MASPO's gate over the run: mean over steps of each of ``GATE_KEYS`` (None for other losses)."""
-    rows = [m for m in metrics if GATE_KEYS[0] in m]
-    if not rows:
-        return None
-    return tuple(float(np.mean([m[k] for m in rows])) for k in GATE_KEYS)
+def limiter_stats(metrics: list[dict], method: str) -> tuple[float | None, ...]:
+    """How often the loss's limiter acted, mean over steps: MASPO's ``GATE_KEYS``, then the
+    fraction of tokens the hard clip of GRPO / clip-higher clipped (None where a loss has none)."""
+    def mean(key):
+        values = [m[key] for m in metrics if key in m]
+        return float(np.mean(values)) if values else None
+    return (*(mean(k) for k in GATE_KEYS), mean(f"actor/{method}/clip_frac"))
 
 
 def plot(curves: dict[str, dict[str, list]], target: float, window: int, title: str, out_png: str) -> None:
@@ -126,13 +128,13 @@ def table(results: dict[str, dict[str, list]], target: float, window: int, steps
     seeds = [s for s, *_ in next(iter(next(iter(results.values())).values()))]
     lines = [
         f"Samples to a {window}-step moving-average reward >= {target} ({steps} steps per run; "
-        "'-' = not reached); final = mean reward of the last 5 steps; MASPO's gate, averaged over "
-        "steps and seeds: gated+ / gated- = fraction of A>0 / A<0 tokens with gate w < 0.99, "
-        "sigma = mean width of the gate.",
+        "'-' = not reached); final = mean reward of the last 5 steps. Averaged over steps and seeds: "
+        "MASPO's gate (gated+ / gated- = fraction of A>0 / A<0 tokens with gate w < 0.99, sigma = "
+        "its mean width) and the hard clip of GRPO / clip-higher (clipped = fraction of tokens).",
         "",
         "| pipeline | method | " + " | ".join(f"seed {s}" for s in seeds) +
-        " | median | reached | final reward (mean ± std) | gated+ | gated- | sigma |",
-        "|---" * (len(seeds) + 8) + "|",
+        " | median | reached | final reward (mean ± std) | gated+ | gated- | sigma | clipped |",
+        "|---" * (len(seeds) + 9) + "|",
     ]
     for pipeline, by_method in results.items():
         for method, rows in by_method.items():
@@ -141,12 +143,13 @@ def table(results: dict[str, dict[str, list]], target: float, window: int, steps
             # The median counts a run that never reached the target as infinitely slow.
             med = float(np.median([h if h is not None else np.inf for h in hit]))
             finals = np.array([f for _, _, f, _ in rows])
-            gates = [g for *_, g in rows if g is not None]
-            gate = " | ".join(f"{v:.3f}" for v in np.mean(gates, 0)) if gates else "- | - | -"
+            stats = [r[3] for r in rows]
+            limiter = " | ".join("-" if any(st[i] is None for st in stats) else
+                                 f"{np.mean([st[i] for st in stats]):.3f}" for i in range(len(stats[0])))
             lines.append(
                 f"| {pipeline} | {method} | " + " | ".join("-" if h is None else str(h) for h in hit) +
                 f" | {'-' if not np.isfinite(med) else int(med)} | {len(reached)}/{len(hit)} | "
-                f"{finals.mean():.3f} ± {finals.std():.3f} | {gate} |")
+                f"{finals.mean():.3f} ± {finals.std():.3f} | {limiter} |")
     return "\n".join(lines)
 
 
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     curves[pipeline][method].append((samples, smooth))
                     results[pipeline][method].append(
                         (seed, samples_to_target(samples, smooth, args.target, args.window),
-                         float(np.mean(rewards[-5:])), gate_stats(metrics)))
+                         float(np.mean(rewards[-5:])), limiter_stats(metrics, method)))
     finally:
         if manager is not None:
             manager.stop()
