@@ -374,7 +374,7 @@ class RolloutEngine:
                 outputs=[s.output_ids for s in chunk], logprobs=[s.logprobs for s in chunk],
                 finish=[s.finish_reason for s in chunk],
                 versions=[s.token_versions for s in chunk], answered=[s.weight_version for s in chunk],
-                rewards=[r.reward for r in res], correct=[r.reward > 0 for r in res],
+                rewards=[r.reward for r in res], correct=[r.correct for r in res],
                 errors=[r.error for r in res], timeouts=[r.timeout for r in res],
                 routed_experts=[s.routed_experts for s in chunk] if self.cfg.routing_replay else [],
             ))

@@ -164,3 +164,5 @@ def test_synthetic_reward_counts_digits_in_place():
     # A special token fills one position (it is one token), so the digits after it stay aligned.
     assert reward("7<unk>546677", "73546677").reward == 7 / 8
     assert reward("735466779999", "73546677").reward == 1.0  # what follows the answer is ignored
+    # Accuracy (and eval Avg@k / Pass@k) counts full answers only, not partial credit.
+    assert reward("73546677", "73546677").correct and not reward("73546670", "73546677").correct

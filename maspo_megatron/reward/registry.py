@@ -38,6 +38,12 @@ class RewardResult:
     error: str | None = None
     extracted: str | None = None
 
+    @property
+    def correct(self) -> bool:
+        """Full reward (1): what accuracy, Avg@k and Pass@k count. A partial-credit reward (the
+        synthetic task's per-digit score) is not a correct answer."""
+        return self.reward >= 1.0
+
 
 RewardFn = Callable[[str, str], Union[RewardResult, float]]
 
