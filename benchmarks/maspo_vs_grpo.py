@@ -36,6 +36,7 @@ Writes, under ``--output-dir``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -155,16 +156,10 @@ def table(results: dict[str, dict[str, list]], target: float, window: int, steps
 
 def start_server(model_dir: str, log_dir: str):
     """One SGLang server for the whole sweep, launched as the trainer would launch it."""
-    from maspo_megatron.rollout.backend import get_backend
-    from maspo_megatron.rollout.servers import ServerManager
+    from maspo_megatron.generation import launch_servers
 
-    ro = load_recipe("tiny_cpu").rollout
     os.makedirs(log_dir, exist_ok=True)
-    spec, backend = ro.server_spec(model_dir), get_backend(ro.engine)
-    manager = ServerManager(lambda port, host: backend.server_command(spec, port, host), 1,
-                            startup_timeout_s=ro.startup_timeout_s, log_dir=log_dir)
-    manager.start()
-    return manager
+    return launch_servers(dataclasses.replace(load_recipe("tiny_cpu").rollout, num_servers=1), model_dir, log_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,20 @@ class RolloutGroup:
     """Per sample (routing replay only): int32 ``[prompt + output - 1, layers, topk]``."""
 
 
+def launch_servers(cfg: RolloutConfig, model_path: str, log_dir: str) -> ServerManager:
+    """Starts ``cfg.num_servers`` rollout servers of ``model_path`` (checked against the engine
+    first) and waits until they are healthy: how a run launches its own."""
+    backend = get_backend(cfg.engine)
+    spec = cfg.server_spec(model_path)
+    with open(os.path.join(model_path, "config.json")) as f:
+        backend.check_model(spec, json.load(f))
+    servers = ServerManager(lambda port, host: backend.server_command(spec, port, host),
+                            cfg.num_servers, log_dir=log_dir, startup_timeout_s=cfg.startup_timeout_s,
+                            health_path=backend.health_path)
+    servers.start()
+    return servers
+
+
 class RolloutEngine:
     """Launches (or attaches to) the servers and router, samples prompt groups and scores them."""
 
@@ -164,14 +178,7 @@ class RolloutEngine:
                                                 health_path=self.backend.health_path)
             self.servers.wait_healthy(self.servers.urls)
         else:
-            spec = cfg.server_spec(model_path)
-            with open(os.path.join(model_path, "config.json")) as f:
-                self.backend.check_model(spec, json.load(f))
-            self.servers = ServerManager(lambda port, host: self.backend.server_command(spec, port, host),
-                                         cfg.num_servers, log_dir=log_dir,
-                                         startup_timeout_s=cfg.startup_timeout_s,
-                                         health_path=self.backend.health_path)
-            self.servers.start()
+            self.servers = launch_servers(cfg, model_path, log_dir)
         gen_urls = self.servers.urls
         if cfg.router_url:
             gen_urls = [cfg.router_url]

@@ -18,8 +18,9 @@ server died, or came back restarted) the weight-update group is rebuilt with the
 :meth:`WeightPublisher.publish_once` sends the current weights to restarted servers only, in a
 group of their own, so the servers in service are not paused. A failed sync fails on every rank
 alike (every sender's verdict is gathered and each rank raises the cause, from the sender where
-it happened; each sender first drains its export so that its TP peers leave their all-gathers), which lets the trainer drop a server
-that died during the sync and send again to the others.
+it happened; each sender first drains its export so that its TP peers leave their
+all-gathers), which lets the trainer drop a server that died during the sync and send again to
+the others.
 
 The proof (:class:`WeightProof`): after every sync, the trainer's Megatron log-probs of a fixed
 probe (a few short token sequences) are compared with each server's own log-probs of the same

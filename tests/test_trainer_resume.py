@@ -36,15 +36,14 @@ def shared_server(model_dir: str, log_dir: str):
     """URLs of one rollout server of ``model_dir``, launched as tiny_cpu's runs launch theirs, for
     runs that attach to it (``rollout.server_urls``; each syncs and proves its weights at start)."""
     from maspo_megatron.cli import load_recipe
-    from maspo_megatron.generation import RolloutEngine
+    from maspo_megatron.generation import launch_servers
 
-    rollout = load_recipe("tiny_cpu").rollout
-    own = dataclasses.replace(rollout, server_urls=[], router_url=None, use_router=False, num_servers=1)
-    engine = RolloutEngine(own, model_dir, None, None, log_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    servers = launch_servers(dataclasses.replace(load_recipe("tiny_cpu").rollout, num_servers=1), model_dir, log_dir)
     try:
-        yield list(engine.server_urls)
+        yield list(servers.urls)
     finally:
-        engine.close()
+        servers.stop()
 
 
 def kill_orphans(marker: str, keep_servers: bool = False) -> None:

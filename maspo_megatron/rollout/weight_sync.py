@@ -616,7 +616,7 @@ class WeightSyncer:
     def _send_colocated(self, named, sampler: _Sampler, stats: SyncStats) -> None:
         cfg = self.config
         try:
-            for i, bucket in enumerate(iter_buckets(named, cfg.bucket_bytes)):
+            for bucket in iter_buckets(named, cfg.bucket_bytes):
                 for name, t in bucket:
                     sampler.offer(name, t)
                 flat, metas = flatten_bucket([(n, t.to(self.device)) for n, t in bucket])
